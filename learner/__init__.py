@@ -1,0 +1,1 @@
+"""The learner: intake of comparisons, reward model, LoRA-PPO, adapter publishing."""

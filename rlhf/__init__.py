@@ -1,0 +1,1 @@
+"""Shared pieces of the online RLHF service: CLI, wire contracts, starter model."""

@@ -1,0 +1,1 @@
+"""Policy serving: model loading, the batching engine, gRPC and OpenAI-compatible HTTP faces."""

@@ -1,0 +1,51 @@
+"""ServingConfig: the one frozen configuration of a serving process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _f(default, help: str, **meta):
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """Everything `rlhf serve` needs; CLI flags and RLHF_SERVE_* env vars override defaults."""
+
+    model: str = _f("", "hub id or local directory; empty = the built-in starter model")
+    adapter: str = _f("", "optional PEFT LoRA adapter directory to start with")
+    adapter_version: str = _f("", "version name of --adapter (default: its directory name)")
+    load_in_4bit: bool = _f(False, "load the base model in 4-bit through bitsandbytes")
+    device: str = _f("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
+    dtype: str = _f("auto", "float32, bfloat16, float16 or auto (float32 on CPU, bf16 on GPU)")
+    threads: int = _f(0, "torch threads for the decode loop; 0 = torch's default")
+
+    host: str = _f("127.0.0.1", "interface both servers bind to")
+    grpc_port: int = _f(50051, "gRPC port (0 = pick a free one)")
+    http_port: int = _f(8000, "OpenAI-compatible HTTP port (0 = pick a free one, -1 = off)")
+    auth_token: str = _f("", "bearer token clients must send; empty = no auth", secret=True)
+    tls_cert: str = _f("", "PEM certificate chain file; with --tls-key turns on TLS for gRPC")
+    tls_key: str = _f("", "PEM private key file for --tls-cert")
+
+    max_batch_size: int = _f(64, "sequences decoded together (each alternative is one)")
+    max_queue: int = _f(256, "requests waiting for a slot before RESOURCE_EXHAUSTED")
+    max_n: int = _f(9, "most alternatives per request")
+    max_new_tokens: int = _f(512, "largest max_new_tokens a request may ask for")
+    default_max_new_tokens: int = _f(128, "max_new_tokens when a request gives none")
+    max_request_chars: int = _f(65536, "total characters of messages/prompt/stops per request")
+    max_stop_sequences: int = _f(8, "most stop sequences per request")
+    shutdown_grace_s: float = _f(10.0, "seconds running streams get to finish on shutdown")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 1 <= self.max_n <= self.max_batch_size:
+            problems.append("max_n must be in 1..max_batch_size")
+        if not 1 <= self.default_max_new_tokens <= self.max_new_tokens:
+            problems.append("default_max_new_tokens must be in 1..max_new_tokens")
+        if self.max_queue < 1:
+            problems.append("max_queue must be >= 1")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            problems.append("tls_cert and tls_key go together")
+        if problems:
+            raise ValueError("invalid serving config: " + "; ".join(problems))

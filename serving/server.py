@@ -1,0 +1,161 @@
+"""`rlhf serve`: one process with the engine, the gRPC server and the HTTP face.
+
+Phases: (1) listen at once, health NOT_SERVING; (2) load the model in a worker thread and
+start the engine, then health SERVING; (3) run until SIGTERM/SIGINT; (4) shut down
+gracefully: health NOT_SERVING, refuse new requests, let running streams finish within
+the grace period, stop the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import uvicorn
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from rlhf.modeling import load_model
+from rlhf.settings import describe
+from rlhf.v1 import policy_pb2, policy_pb2_grpc
+from serving.adapters import AdapterManager
+from serving.config import ServingConfig
+from serving.engine import Engine
+from serving.grpc_server import BearerAuthInterceptor, PolicyServicer
+from serving.http_api import create_app
+from serving.service import PolicyService
+
+log = logging.getLogger(__name__)
+
+POLICY_SERVICE = policy_pb2.DESCRIPTOR.services_by_name["Policy"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn inside our event loop: the process's signal handling stays ours."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@dataclass
+class Running:
+    grpc_server: grpc.aio.Server
+    grpc_port: int
+    http: _EmbeddedUvicorn | None
+    http_task: asyncio.Task | None
+    http_port: int | None
+    health: health.aio.HealthServicer
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    return sock
+
+
+async def _phase_listen(config: ServingConfig, service: PolicyService) -> Running:
+    interceptors = [BearerAuthInterceptor(config.auth_token)] if config.auth_token else []
+    server = grpc.aio.server(interceptors=interceptors,
+                             options=[("grpc.max_receive_message_length", 8 << 20)])
+    policy_pb2_grpc.add_PolicyServicer_to_server(PolicyServicer(service), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", POLICY_SERVICE):
+        await health_servicer.set(name, NOT_SERVING)
+    reflection.enable_server_reflection(
+        (POLICY_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    address = f"{config.host}:{config.grpc_port}"
+    if config.tls_cert:
+        creds = grpc.ssl_server_credentials(
+            [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
+        grpc_port = server.add_secure_port(address, creds)
+    else:
+        grpc_port = server.add_insecure_port(address)
+    await server.start()
+
+    http = http_task = http_port = None
+    if config.http_port >= 0:
+        sock = _bind(config.host, config.http_port)
+        http_port = sock.getsockname()[1]
+        http = _EmbeddedUvicorn(uvicorn.Config(create_app(service), log_level="warning",
+                                               lifespan="off", access_log=False))
+        http_task = asyncio.create_task(http.serve(sockets=[sock]))
+    return Running(server, grpc_port, http, http_task, http_port, health_servicer)
+
+
+def _load_engine(config: ServingConfig, service: PolicyService) -> Engine:
+    loaded = load_model(config.model, device=config.device, dtype=config.dtype,
+                        load_in_4bit=config.load_in_4bit)
+    adapters = AdapterManager(loaded.model)
+    if config.adapter:
+        version = config.adapter_version or Path(config.adapter).name
+        adapters.load(version, config.adapter)
+        adapters.set_current(version)
+    engine = Engine(loaded.tokenizer, adapters=adapters, eos_token_ids=loaded.eos_token_ids,
+                    context_length=loaded.context_length,
+                    max_batch_size=config.max_batch_size, max_queue=config.max_queue,
+                    threads=config.threads, on_step=service.metrics.on_step)
+    engine.start()
+    service.attach(loaded, adapters, engine)
+    return engine
+
+
+async def _phase_load(config: ServingConfig, service: PolicyService, run: Running) -> Engine:
+    engine = await asyncio.to_thread(_load_engine, config, service)
+    for name in ("", POLICY_SERVICE):
+        await run.health.set(name, SERVING)
+    log.info("serving %s", service.info().base_model)
+    return engine
+
+
+async def _phase_shutdown(config: ServingConfig, run: Running, engine: Engine | None) -> None:
+    await run.health.enter_graceful_shutdown()
+    if engine is not None:
+        engine.close_intake()  # running and queued requests finish within the grace period
+    await run.grpc_server.stop(config.shutdown_grace_s)
+    if run.http is not None and run.http_task is not None:
+        run.http.should_exit = True
+        await run.http_task
+    if engine is not None:
+        await asyncio.to_thread(engine.stop, config.shutdown_grace_s)
+
+
+async def serve(config: ServingConfig) -> None:
+    log.info("serving config: %s", describe(config))
+    service = PolicyService(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    run = await _phase_listen(config, service)
+    sys.stdout.write(json.dumps({"event": "listening", "grpc_port": run.grpc_port,
+                                 "http_port": run.http_port}) + "\n")
+    sys.stdout.flush()
+    load = asyncio.create_task(_phase_load(config, service, run))
+    engine = None
+    waiter = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({load, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if load in done:
+        engine = load.result()  # a failed load raises here and the process exits non-zero
+        sys.stdout.write(json.dumps({"event": "ready"}) + "\n")
+        sys.stdout.flush()
+        await waiter
+    else:
+        load.cancel()
+    log.info("shutting down")
+    await _phase_shutdown(config, run, engine)

@@ -1,0 +1,1 @@
+"""The ranking UI (Gradio): talks to serving over the wire only."""
