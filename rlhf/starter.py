@@ -155,21 +155,33 @@ def _training_examples(tok: PreTrainedTokenizerFast, preset: StarterPreset,
 
 
 def _batches(examples: list[tuple[list[int], list[bool]]], preset: StarterPreset,
-             pad_id: int, gen: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
-    """Shuffled right-padded batches; labels are -100 except on assistant answer tokens."""
+             pad_id: int, gen: torch.Generator) -> list[dict[str, torch.Tensor]]:
+    """Shuffled, length-bucketed, right-padded batches (labels -100 off the answers).
+
+    Bucketing similar lengths together roughly halves the compute wasted on padding.
+    """
     order = torch.randperm(len(examples), generator=gen).tolist()
-    for start in range(0, len(order) - preset.batch_size + 1, preset.batch_size):
-        chunk = [examples[j] for j in order[start:start + preset.batch_size]]
-        width = min(max(len(ids) for ids, _ in chunk), preset.context_length)
-        input_ids = torch.full((len(chunk), width), pad_id)
-        labels = torch.full((len(chunk), width), -100)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, (ids, mask) in enumerate(chunk):
-            ids_t = torch.tensor(ids[:width])
-            input_ids[row, :len(ids_t)] = ids_t
-            attention[row, :len(ids_t)] = 1
-            labels[row, :len(ids_t)] = torch.where(torch.tensor(mask[:width]), ids_t, -100)
-        yield {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    size, groups = preset.batch_size, []
+    for lo in range(0, len(order), size * 64):
+        bucket = sorted(order[lo:lo + size * 64], key=lambda j: len(examples[j][0]))
+        groups += [bucket[i:i + size] for i in range(0, len(bucket) - size + 1, size)]
+    groups = [groups[i] for i in torch.randperm(len(groups), generator=gen).tolist()]
+    return [_pad([examples[j] for j in group], preset.context_length, pad_id)
+            for group in groups]
+
+
+def _pad(chunk: list[tuple[list[int], list[bool]]], max_len: int,
+         pad_id: int) -> dict[str, torch.Tensor]:
+    width = min(max(len(ids) for ids, _ in chunk), max_len)
+    input_ids = torch.full((len(chunk), width), pad_id)
+    labels = torch.full((len(chunk), width), -100)
+    attention = torch.zeros((len(chunk), width), dtype=torch.long)
+    for row, (ids, mask) in enumerate(chunk):
+        ids_t = torch.tensor(ids[:width])
+        input_ids[row, :len(ids_t)] = ids_t
+        attention[row, :len(ids_t)] = 1
+        labels[row, :len(ids_t)] = torch.where(torch.tensor(mask[:width]), ids_t, -100)
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
 def _lr_lambda(preset: StarterPreset):

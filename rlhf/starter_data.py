@@ -20,6 +20,9 @@ DATA_VERSION = "starter-data-v1"
 ANSWER_STYLES: tuple[str, ...] = ("terse", "plain", "polite", "verbose")
 """Terse = bare answer, plain = sentence, polite = friendly prefix, verbose = rambling."""
 
+STYLE_WEIGHTS: tuple[float, ...] = (0.3, 0.3, 0.25, 0.15)
+"""Training mix of ``ANSWER_STYLES``: verbose is rarer because its tokens teach little."""
+
 KINDS: tuple[str, ...] = (
     "add", "sub", "sort", "reverse", "count_words", "count_letters", "upper", "chat",
 )
@@ -255,7 +258,7 @@ def make_conversation(rng: random.Random, tasks: Sequence[Task]) -> list[dict[st
     if rng.random() < 0.15:
         messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
     for task in tasks:
-        answer = render_answer(task, rng.choice(ANSWER_STYLES), rng)
+        answer = render_answer(task, rng.choices(ANSWER_STYLES, STYLE_WEIGHTS)[0], rng)
         messages += [{"role": "user", "content": task.prompt},
                      {"role": "assistant", "content": answer}]
     return messages

@@ -23,6 +23,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from math import inf
 from typing import Any
 
 import torch
@@ -56,6 +57,7 @@ class Sampling:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    min_new_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -327,8 +329,12 @@ class Engine:
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
         params = [r.handle.sampling for r in rows]
+        logits = logits.float().cpu()
+        early = [i for i, r in enumerate(rows) if len(r.tokens) < params[i].min_new_tokens]
+        if early and self.eos:
+            logits[torch.tensor(early)[:, None], torch.tensor(sorted(self.eos))[None, :]] = -inf
         return sample_next(
-            logits.float().cpu(),
+            logits,
             torch.tensor([p.temperature for p in params]),
             torch.tensor([p.top_k for p in params]),
             torch.tensor([p.top_p for p in params]),

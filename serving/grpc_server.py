@@ -48,6 +48,7 @@ def to_input(request: policy_pb2.GenerateRequest, context: grpc.aio.ServicerCont
         top_k=s.top_k,
         seed=s.seed if s.HasField("seed") else None,
         stop=list(s.stop),
+        min_new_tokens=s.min_new_tokens,
         adapter_version=request.adapter_version or None,
         request_id=request.request_id or _metadata(context, "x-request-id"),
         timeout_s=remaining if remaining is not None else None,

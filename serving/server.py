@@ -124,15 +124,22 @@ async def _phase_load(config: ServingConfig, service: PolicyService, run: Runnin
 
 
 async def _phase_shutdown(config: ServingConfig, run: Running, engine: Engine | None) -> None:
+    """Health NOT_SERVING at once; running and queued requests finish within the grace."""
     await run.health.enter_graceful_shutdown()
     if engine is not None:
-        engine.close_intake()  # running and queued requests finish within the grace period
-    await run.grpc_server.stop(config.shutdown_grace_s)
+        engine.close_intake()  # new Generate calls now get UNAVAILABLE
+        deadline = asyncio.get_running_loop().time() + config.shutdown_grace_s
+        while asyncio.get_running_loop().time() < deadline:
+            stats = engine.stats()
+            if stats.running_rows == 0 and stats.waiting_requests == 0:
+                break
+            await asyncio.sleep(0.05)
+    await run.grpc_server.stop(1.0)
     if run.http is not None and run.http_task is not None:
         run.http.should_exit = True
         await run.http_task
     if engine is not None:
-        await asyncio.to_thread(engine.stop, config.shutdown_grace_s)
+        await asyncio.to_thread(engine.stop, 1.0)
 
 
 async def serve(config: ServingConfig) -> None:

@@ -67,6 +67,7 @@ class GenerateInput:
     top_k: int | None = None
     seed: int | None = None
     stop: Sequence[str] = ()
+    min_new_tokens: int | None = None
     adapter_version: str | None = None
     request_id: str | None = None
     timeout_s: float | None = None
@@ -207,6 +208,10 @@ class PolicyService:
         if not 1 <= max_new <= c.max_new_tokens:
             raise _invalid(f"max_new_tokens must be between 1 and {c.max_new_tokens}, "
                            f"got {max_new}")
+        min_new = req.min_new_tokens or 0
+        if not 0 <= min_new <= max_new:
+            raise _invalid(f"min_new_tokens must be between 0 and max_new_tokens ({max_new}), "
+                           f"got {min_new}")
         temperature = 1.0 if req.temperature is None else req.temperature
         if not (math.isfinite(temperature) and 0 <= temperature <= _MAX_TEMPERATURE):
             raise _invalid(f"temperature must be between 0 and {_MAX_TEMPERATURE:g} "
@@ -224,7 +229,7 @@ class PolicyService:
             raise _invalid(f"at most {c.max_stop_sequences} stop sequences, got {len(stop)}")
         if any(not s for s in stop):
             raise _invalid("stop sequences must not be empty strings")
-        return Sampling(max_new, temperature, top_p, top_k, req.seed, stop), n
+        return Sampling(max_new, temperature, top_p, top_k, req.seed, stop, min_new), n
 
     def _encode(self, model: LoadedModel, req: GenerateInput) -> list[int]:
         has_messages = bool(req.messages)

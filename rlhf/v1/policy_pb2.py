@@ -24,27 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/policy.proto\x12\x07rlhf.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xa9\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xac\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12)\n\x08sampling\x18\x04 \x01(\x0b\x32\x17.rlhf.v1.SamplingParams\x12\t\n\x01n\x18\x05 \x01(\r\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x06 \x01(\t\"\xc7\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x15.rlhf.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x07 \x01(\t\x12\x0c\n\x04seed\x18\x08 \x01(\x04\"\x10\n\x0eGetInfoRequest\"\x84\x02\n\nServerInfo\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x1f\n\x17\x63urrent_adapter_version\x18\x02 \x01(\t\x12\x1f\n\x17loaded_adapter_versions\x18\x03 \x03(\t\x12\r\n\x05max_n\x18\x04 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x06 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x11\n\tmax_queue\x18\t \x01(\r\x12\x16\n\x0eserver_version\x18\n \x01(\t*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x1c\n\x18\x46INISH_REASON_MAX_TOKENS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x19\n\x15\x46INISH_REASON_CONTEXT\x10\x04\x32\x81\x01\n\x06Policy\x12>\n\x08Generate\x12\x18.rlhf.v1.GenerateRequest\x1a\x16.rlhf.v1.GenerateChunk0\x01\x12\x37\n\x07GetInfo\x12\x17.rlhf.v1.GetInfoRequest\x1a\x13.rlhf.v1.ServerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/policy.proto\x12\x07rlhf.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc1\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0emin_new_tokens\x18\x07 \x01(\rB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xac\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12)\n\x08sampling\x18\x04 \x01(\x0b\x32\x17.rlhf.v1.SamplingParams\x12\t\n\x01n\x18\x05 \x01(\r\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x06 \x01(\t\"\xc7\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x15.rlhf.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x07 \x01(\t\x12\x0c\n\x04seed\x18\x08 \x01(\x04\"\x10\n\x0eGetInfoRequest\"\x84\x02\n\nServerInfo\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x1f\n\x17\x63urrent_adapter_version\x18\x02 \x01(\t\x12\x1f\n\x17loaded_adapter_versions\x18\x03 \x03(\t\x12\r\n\x05max_n\x18\x04 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x06 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x11\n\tmax_queue\x18\t \x01(\r\x12\x16\n\x0eserver_version\x18\n \x01(\t*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x1c\n\x18\x46INISH_REASON_MAX_TOKENS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x19\n\x15\x46INISH_REASON_CONTEXT\x10\x04\x32\x81\x01\n\x06Policy\x12>\n\x08Generate\x12\x18.rlhf.v1.GenerateRequest\x1a\x16.rlhf.v1.GenerateChunk0\x01\x12\x37\n\x07GetInfo\x12\x17.rlhf.v1.GetInfoRequest\x1a\x13.rlhf.v1.ServerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhf.v1.policy_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=910
-  _globals['_FINISHREASON']._serialized_end=1059
+  _globals['_FINISHREASON']._serialized_start=934
+  _globals['_FINISHREASON']._serialized_end=1083
   _globals['_CHATMESSAGE']._serialized_start=33
   _globals['_CHATMESSAGE']._serialized_end=77
   _globals['_SAMPLINGPARAMS']._serialized_start=80
-  _globals['_SAMPLINGPARAMS']._serialized_end=249
-  _globals['_GENERATEREQUEST']._serialized_start=252
-  _globals['_GENERATEREQUEST']._serialized_end=424
-  _globals['_GENERATECHUNK']._serialized_start=427
-  _globals['_GENERATECHUNK']._serialized_end=626
-  _globals['_GETINFOREQUEST']._serialized_start=628
-  _globals['_GETINFOREQUEST']._serialized_end=644
-  _globals['_SERVERINFO']._serialized_start=647
-  _globals['_SERVERINFO']._serialized_end=907
-  _globals['_POLICY']._serialized_start=1062
-  _globals['_POLICY']._serialized_end=1191
+  _globals['_SAMPLINGPARAMS']._serialized_end=273
+  _globals['_GENERATEREQUEST']._serialized_start=276
+  _globals['_GENERATEREQUEST']._serialized_end=448
+  _globals['_GENERATECHUNK']._serialized_start=451
+  _globals['_GENERATECHUNK']._serialized_end=650
+  _globals['_GETINFOREQUEST']._serialized_start=652
+  _globals['_GETINFOREQUEST']._serialized_end=668
+  _globals['_SERVERINFO']._serialized_start=671
+  _globals['_SERVERINFO']._serialized_end=931
+  _globals['_POLICY']._serialized_start=1086
+  _globals['_POLICY']._serialized_end=1215
 # @@protoc_insertion_point(module_scope)

@@ -1,11 +1,9 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -23,31 +21,33 @@ FINISH_REASON_STOP: FinishReason
 FINISH_REASON_CONTEXT: FinishReason
 
 class ChatMessage(_message.Message):
-    __slots__ = ("content", "role")
+    __slots__ = ("role", "content")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     role: str
     content: str
-    def __init__(self, role: str | None = ..., content: str | None = ...) -> None: ...
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
-    __slots__ = ("max_new_tokens", "seed", "stop", "temperature", "top_k", "top_p")
+    __slots__ = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "min_new_tokens")
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
+    MIN_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     max_new_tokens: int
     temperature: float
     top_p: float
     top_k: int
     seed: int
     stop: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, max_new_tokens: int | None = ..., temperature: float | None = ..., top_p: float | None = ..., top_k: int | None = ..., seed: int | None = ..., stop: _Iterable[str] | None = ...) -> None: ...
+    min_new_tokens: int
+    def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., min_new_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("adapter_version", "messages", "n", "prompt", "request_id", "sampling")
+    __slots__ = ("request_id", "messages", "prompt", "sampling", "n", "adapter_version")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -60,10 +60,10 @@ class GenerateRequest(_message.Message):
     sampling: SamplingParams
     n: int
     adapter_version: str
-    def __init__(self, request_id: str | None = ..., messages: _Iterable[ChatMessage | _Mapping] | None = ..., prompt: str | None = ..., sampling: SamplingParams | _Mapping | None = ..., n: int | None = ..., adapter_version: str | None = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., n: _Optional[int] = ..., adapter_version: _Optional[str] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = ("adapter_version", "completion_tokens", "finish_reason", "index", "prompt_tokens", "request_id", "seed", "text")
+    __slots__ = ("request_id", "index", "text", "finish_reason", "prompt_tokens", "completion_tokens", "adapter_version", "seed")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -80,14 +80,14 @@ class GenerateChunk(_message.Message):
     completion_tokens: int
     adapter_version: str
     seed: int
-    def __init__(self, request_id: str | None = ..., index: int | None = ..., text: str | None = ..., finish_reason: FinishReason | str | None = ..., prompt_tokens: int | None = ..., completion_tokens: int | None = ..., adapter_version: str | None = ..., seed: int | None = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., adapter_version: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("base_model", "context_length", "current_adapter_version", "default_max_new_tokens", "loaded_adapter_versions", "max_batch_size", "max_n", "max_new_tokens", "max_queue", "server_version")
+    __slots__ = ("base_model", "current_adapter_version", "loaded_adapter_versions", "max_n", "max_new_tokens", "default_max_new_tokens", "context_length", "max_batch_size", "max_queue", "server_version")
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     LOADED_ADAPTER_VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -108,4 +108,4 @@ class ServerInfo(_message.Message):
     max_batch_size: int
     max_queue: int
     server_version: str
-    def __init__(self, base_model: str | None = ..., current_adapter_version: str | None = ..., loaded_adapter_versions: _Iterable[str] | None = ..., max_n: int | None = ..., max_new_tokens: int | None = ..., default_max_new_tokens: int | None = ..., context_length: int | None = ..., max_batch_size: int | None = ..., max_queue: int | None = ..., server_version: str | None = ...) -> None: ...
+    def __init__(self, base_model: _Optional[str] = ..., current_adapter_version: _Optional[str] = ..., loaded_adapter_versions: _Optional[_Iterable[str]] = ..., max_n: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., context_length: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue: _Optional[int] = ..., server_version: _Optional[str] = ...) -> None: ...

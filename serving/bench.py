@@ -1,0 +1,336 @@
+"""`rlhf bench serving`: streaming throughput and latency of the server vs plain `generate`.
+
+Starts a real `rlhf serve` child (or, with ``--in-process``, drives the Engine directly), runs
+C concurrent client streams per level, each issuing chat requests back to back, and compares
+the aggregate token rate with sequential Hugging Face ``model.generate`` on the same model,
+prompts and thread count, measured first while nothing else runs. Prints one JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import os
+import platform
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rlhf.modeling import LoadedModel, load_model, resolve_model_name
+from rlhf.starter_data import make_tasks
+
+log = logging.getLogger(__name__)
+
+Messages = list[tuple[str, str]]
+GenFn = Callable[[Messages, int], AsyncIterator[tuple[str, int]]]
+"""(messages, seed) -> stream of (text delta, completion tokens so far) per chunk."""
+
+PROMPT_SEED = 4242
+DEFINITIONS = {
+    "tokens_per_s": "sum of completion_tokens of all finished requests / level wall time "
+                    "(first request sent to last stream finished); EOS is not counted",
+    "ttft_ms": "client side, per request: time from issuing the request to receiving its first "
+               "chunk (the first chunk carries the first generated token's text)",
+    "itl_ms": "client side, per generated token: for successive chunks of one stream, "
+              "(arrival gap) / (completion_tokens added by the later chunk), counted once "
+              "per token added; chunks adding no tokens (e.g. the final EOS chunk) are skipped",
+    "latency_ms": "time from issuing a request to its last chunk",
+    "speedup_vs_sequential": "level tokens_per_s / baseline_sequential tokens_per_s",
+    "baseline_sequential": "HF model.generate, batch 1, one request at a time, do_sample, "
+                           "temperature 1, top_k 0, top_p 1, same prompts and max_new_tokens",
+}
+
+
+@dataclass
+class Sample:
+    ttft: float = math.nan
+    latency: float = math.nan
+    tokens: int = 0
+    itl: list[float] = field(default_factory=list)
+    error: str | None = None
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile in ms (values in seconds); None when empty."""
+    if not values:
+        return None
+    v = sorted(values)
+    pos = (len(v) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return round(1000 * (v[lo] + (v[hi] - v[lo]) * (pos - lo)), 2)
+
+
+def _dist(values: list[float]) -> dict[str, float | None]:
+    return {"p50": _pct(values, 0.5), "p95": _pct(values, 0.95)}
+
+
+def _messages(i: int, tasks: list) -> Messages:
+    return [("user", tasks[i % len(tasks)].prompt)]
+
+
+def _encode(tokenizer: Any, messages: Messages) -> list[int]:
+    text = tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages],
+                                         add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+async def _one(gen: GenFn, messages: Messages, seed: int) -> Sample:
+    s, start = Sample(), time.perf_counter()
+    last, done = start, 0
+    try:
+        async for _text, tokens in gen(messages, seed):
+            now = time.perf_counter()
+            if math.isnan(s.ttft):
+                s.ttft = now - start
+            elif tokens > done:
+                s.itl.extend([(now - last) / (tokens - done)] * (tokens - done))
+            last, done = now, max(done, tokens)
+        s.latency, s.tokens = last - start, done
+    except Exception as exc:  # a failed request is counted, not fatal
+        s.error = f"{type(exc).__name__}: {exc}"[:200]
+    return s
+
+
+async def _level(gen: GenFn, tasks: list, concurrency: int, per_stream: int | None,
+                 seconds: float) -> tuple[list[Sample], float]:
+    """C streams back to back: ``per_stream`` requests each, or until ``seconds`` pass."""
+    samples: list[Sample] = []
+    start = time.perf_counter()
+
+    async def stream(sid: int) -> None:
+        i = 0
+        while (i < per_stream) if per_stream else (i == 0 or time.perf_counter() - start < seconds):
+            k = sid * 10_000 + i
+            samples.append(await _one(gen, _messages(k, tasks), seed=k))
+            i += 1
+
+    await asyncio.gather(*(stream(s) for s in range(concurrency)))
+    return samples, time.perf_counter() - start
+
+
+def _summary(samples: list[Sample], wall: float, concurrency: int) -> dict:
+    ok = [s for s in samples if s.error is None]
+    tokens = sum(s.tokens for s in ok)
+    errors = [s.error for s in samples if s.error is not None]
+    return {"concurrency": concurrency, "requests": len(samples), "errors": len(errors),
+            "error_examples": sorted(set(errors))[:3], "tokens": tokens,
+            "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
+            "mean_completion_tokens": round(tokens / max(1, len(ok)), 1),
+            "ttft_ms": _dist([s.ttft for s in ok]),
+            "itl_ms": _dist([x for s in ok for x in s.itl]),
+            "latency_ms": _dist([s.latency for s in ok])}
+
+
+def _baseline(loaded: LoadedModel, tasks: list, max_new: int, count: int | None,
+              seconds: float) -> dict:
+    """Sequential HF generate, one request at a time (after one untimed warm-up)."""
+    tok, model = loaded.tokenizer, loaded.model
+    device = next(model.parameters()).device
+    eos = set(loaded.eos_token_ids)
+    latencies, tokens, start, i = [], 0, 0.0, -1
+    with torch.inference_mode():
+        while i < 0 or (i < count if count else time.perf_counter() - start < seconds):
+            ids = torch.tensor([_encode(tok, _messages(max(i, 0), tasks))], device=device)
+            torch.manual_seed(max(i, 0))
+            t0 = time.perf_counter()
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=max_new, do_sample=True, temperature=1.0,
+                                 top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=sorted(eos))
+            if i >= 0:
+                latencies.append(time.perf_counter() - t0)
+                tokens += sum(1 for t in out[0, ids.shape[1]:].tolist() if t not in eos)
+            else:
+                start = time.perf_counter()
+            i += 1
+    wall = time.perf_counter() - start
+    return {"requests": len(latencies), "tokens": tokens, "wall_s": round(wall, 3),
+            "tokens_per_s": round(tokens / wall, 1),
+            "mean_completion_tokens": round(tokens / len(latencies), 1),
+            "latency_ms": _dist(latencies)}
+
+
+class _Server:
+    """`rlhf serve` as a child process; ``stop`` always ends it (SIGTERM, then kill)."""
+
+    def __init__(self, model_dir: str, threads: int, timeout: float = 600.0) -> None:
+        cmd = [sys.executable, "-m", "rlhf.cli", "serve", "--model", model_dir, "--threads",
+               str(threads), "--grpc-port", "0", "--http-port", "-1"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        self.port = 0
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        lines: queue.Queue[str] = queue.Queue()
+
+        def read() -> None:
+            for line in self.proc.stdout or ():
+                lines.put(line)
+            lines.put("")  # EOF: the server exited
+
+        threading.Thread(target=read, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                raise RuntimeError("the server did not become ready in time") from None
+            if not line:
+                raise RuntimeError(f"the server exited early (code {self.proc.wait()})")
+            event = json.loads(line)
+            self.port = event.get("grpc_port", self.port)
+            if event.get("event") == "ready":
+                return
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+async def _run_levels(gen: GenFn, tasks: list, args: argparse.Namespace) -> list[dict]:
+    await _level(gen, tasks, 2, 2, 0)  # warm-up, not recorded
+    levels = []
+    for c in args.concurrency:
+        per_stream = math.ceil(args.requests_per_level / c) if args.requests_per_level else None
+        samples, wall = await _level(gen, tasks, c, per_stream, args.seconds_per_level)
+        levels.append(_summary(samples, wall, c))
+        log.info("level %d: %s tok/s", c, levels[-1]["tokens_per_s"])
+    return levels
+
+
+async def _grpc_levels(port: int, tasks: list, args: argparse.Namespace) -> list[dict]:
+    import grpc
+
+    from rlhf.v1 import policy_pb2 as pb
+    from rlhf.v1 import policy_pb2_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = policy_pb2_grpc.PolicyStub(channel)
+
+        async def gen(messages: Messages, seed: int) -> AsyncIterator[tuple[str, int]]:
+            req = pb.GenerateRequest(
+                messages=[pb.ChatMessage(role=r, content=c) for r, c in messages], n=1,
+                sampling=pb.SamplingParams(max_new_tokens=args.max_new_tokens,
+                                           temperature=1.0, seed=seed))
+            async for chunk in stub.Generate(req):
+                yield chunk.text, chunk.completion_tokens
+
+        return await _run_levels(gen, tasks, args)
+
+
+async def _engine_levels(loaded: LoadedModel, tasks: list, args: argparse.Namespace
+                         ) -> list[dict]:
+    from serving.adapters import AdapterManager
+    from serving.engine import Engine, Sampling
+
+    engine = Engine(loaded.tokenizer, adapters=AdapterManager(loaded.model),
+                    eos_token_ids=loaded.eos_token_ids, context_length=loaded.context_length,
+                    max_batch_size=64, max_queue=256, threads=args.threads)
+    engine.start()
+
+    async def gen(messages: Messages, seed: int) -> AsyncIterator[tuple[str, int]]:
+        handle = engine.submit(uuid.uuid4().hex, _encode(loaded.tokenizer, messages), 1,
+                               Sampling(args.max_new_tokens, 1.0, seed=seed))
+        async for events in handle:
+            for e in events:
+                yield e.text, e.completion_tokens
+
+    try:
+        return await _run_levels(gen, tasks, args)
+    finally:
+        await asyncio.to_thread(engine.stop)
+
+
+def _info(loaded: LoadedModel, model_dir: str, threads: int) -> dict:
+    import grpc
+    import transformers
+
+    p = next(loaded.model.parameters())
+    return {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                        "python": platform.python_version(), "torch": torch.__version__,
+                        "transformers": transformers.__version__, "grpcio": grpc.__version__,
+                        "torch_threads": threads, "device": str(p.device)},
+            "model": {"name": loaded.name, "path": model_dir, "dtype": str(p.dtype),
+                      "parameters": sum(x.numel() for x in loaded.model.parameters()),
+                      "context_length": loaded.context_length}}
+
+
+def _targets(levels: list[dict]) -> dict:
+    by_c = {lv["concurrency"]: lv for lv in levels}
+    speed = by_c.get(32, {}).get("speedup_vs_sequential")
+    ttft = by_c.get(8, {}).get("ttft_ms", {}).get("p95")
+    return {"tokens_per_s_32_vs_sequential": {"target": 5.0, "got": speed,
+                                              "met": speed is not None and speed >= 5.0},
+            "ttft_p95_ms_at_8": {"target": 250, "got": ttft,
+                                 "met": ttft is not None and ttft <= 250}}
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="rlhf bench", description=__doc__.splitlines()[0])
+    p.add_argument("suite", choices=["serving"])
+    p.add_argument("--model", default="", help="model directory or hub id (default: starter)")
+    p.add_argument("--concurrency", default="1,8,32",
+                   type=lambda s: [int(x) for x in s.split(",") if x])
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--requests-per-level", type=int, default=0,
+                   help="requests per level (and for the baseline), split over the streams; "
+                        "0 = time-boxed by --seconds-per-level")
+    p.add_argument("--seconds-per-level", type=float, default=12.0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (server and baseline)")
+    p.add_argument("--in-process", action="store_true", help="drive the Engine, no gRPC")
+    p.add_argument("--out", help="also write the JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = _parse(argv)
+    torch.set_num_threads(args.threads)
+    model_dir = resolve_model_name(args.model)
+    tasks = make_tasks(512, seed=PROMPT_SEED)
+    loaded = load_model(model_dir)
+    log.info("baseline: sequential model.generate")
+    baseline = _baseline(loaded, tasks, args.max_new_tokens, args.requests_per_level,
+                         args.seconds_per_level)
+    if args.in_process:
+        levels = asyncio.run(_engine_levels(loaded, tasks, args))
+    else:
+        server = None
+        try:
+            server = _Server(model_dir, args.threads)
+            levels = asyncio.run(_grpc_levels(server.port, tasks, args))
+        finally:
+            if server is not None:
+                server.stop()
+    for lv in levels:
+        lv["speedup_vs_sequential"] = round(lv["tokens_per_s"] / baseline["tokens_per_s"], 2)
+    report = {"benchmark": "serving", "mode": "in-process" if args.in_process else "grpc",
+              "config": {k: v for k, v in vars(args).items() if k not in ("suite", "out")},
+              **_info(loaded, model_dir, args.threads), "definitions": DEFINITIONS,
+              "baseline_sequential": baseline, "levels": levels, "targets": _targets(levels)}
+    text = json.dumps(report, indent=2)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    sys.stdout.write(text + "\n")
+    return 0
