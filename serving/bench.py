@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,18 +63,14 @@ class Sample:
     error: str | None = None
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    """Linear-interpolated percentile in ms (values in seconds); None when empty."""
-    if not values:
-        return None
-    v = sorted(values)
-    pos = (len(v) - 1) * q
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return round(1000 * (v[lo] + (v[hi] - v[lo]) * (pos - lo)), 2)
-
-
 def _dist(values: list[float]) -> dict[str, float | None]:
-    return {"p50": _pct(values, 0.5), "p95": _pct(values, 0.95)}
+    """p50/p95 in ms (values in seconds), linear interpolation; None when empty."""
+    v, out = sorted(values), {}
+    for name, q in (("p50", 0.5), ("p95", 0.95)):
+        pos = (len(v) - 1) * q
+        lo, hi = math.floor(pos), math.ceil(pos)
+        out[name] = round(1000 * (v[lo] + (v[hi] - v[lo]) * (pos - lo)), 2) if v else None
+    return out
 
 
 def _messages(i: int, tasks: list) -> Messages:
@@ -162,50 +159,36 @@ def _baseline(loaded: LoadedModel, tasks: list, max_new: int, count: int | None,
             "latency_ms": _dist(latencies)}
 
 
-class _Server:
-    """`rlhf serve` as a child process; ``stop`` always ends it (SIGTERM, then kill)."""
+@contextlib.contextmanager
+def _server(model_dir: str, threads: int, timeout: float = 600.0) -> Iterator[int]:
+    """`rlhf serve` as a child process; yields its gRPC port; always stopped afterwards."""
+    cmd = [sys.executable, "-m", "rlhf.cli", "serve", "--model", model_dir, "--threads",
+           str(threads), "--grpc-port", "0", "--http-port", "-1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
 
-    def __init__(self, model_dir: str, threads: int, timeout: float = 600.0) -> None:
-        cmd = [sys.executable, "-m", "rlhf.cli", "serve", "--model", model_dir, "--threads",
-               str(threads), "--grpc-port", "0", "--http-port", "-1"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        self.port = 0
-        try:
-            self._wait_ready(timeout)
-        except BaseException:
-            self.stop()
-            raise
+    def read() -> None:
+        for line in proc.stdout or ():
+            lines.put(line)
+        lines.put("")  # EOF: the server exited
 
-    def _wait_ready(self, timeout: float) -> None:
-        lines: queue.Queue[str] = queue.Queue()
-
-        def read() -> None:
-            for line in self.proc.stdout or ():
-                lines.put(line)
-            lines.put("")  # EOF: the server exited
-
+    try:
         threading.Thread(target=read, daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                raise RuntimeError("the server did not become ready in time") from None
+        event: dict = {}
+        while event.get("event") != "ready":
+            line = lines.get(timeout=timeout)  # queue.Empty: no progress for `timeout` s
             if not line:
-                raise RuntimeError(f"the server exited early (code {self.proc.wait()})")
-            event = json.loads(line)
-            self.port = event.get("grpc_port", self.port)
-            if event.get("event") == "ready":
-                return
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+                raise RuntimeError(f"the server exited early (code {proc.wait()})")
+            event = {**event, **json.loads(line)}
+        yield int(event["grpc_port"])
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(30)
+                proc.wait(30)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                proc.kill()
+                proc.wait()
 
 
 async def _run_levels(gen: GenFn, tasks: list, args: argparse.Namespace) -> list[dict]:
@@ -315,13 +298,8 @@ def main(argv: list[str]) -> int:
     if args.in_process:
         levels = asyncio.run(_engine_levels(loaded, tasks, args))
     else:
-        server = None
-        try:
-            server = _Server(model_dir, args.threads)
-            levels = asyncio.run(_grpc_levels(server.port, tasks, args))
-        finally:
-            if server is not None:
-                server.stop()
+        with _server(model_dir, args.threads) as port:
+            levels = asyncio.run(_grpc_levels(port, tasks, args))
     for lv in levels:
         lv["speedup_vs_sequential"] = round(lv["tokens_per_s"] / baseline["tokens_per_s"], 2)
     report = {"benchmark": "serving", "mode": "in-process" if args.in_process else "grpc",

@@ -1,0 +1,77 @@
+"""The house rules: generated stubs are fresh, and the processes keep to their own imports."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from rlhf.codegen import generate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_generated_stubs_match_proto_sources(tmp_path):
+    fresh = generate(tmp_path)
+    assert fresh, "no proto files found"
+    for path in fresh:
+        checked_in = ROOT / "rlhf" / "v1" / path.name
+        assert checked_in.exists(), f"{path.name} missing: run `rlhf codegen`"
+        assert checked_in.read_text() == path.read_text(), \
+            f"rlhf/v1/{path.name} is stale: run `rlhf codegen` and commit the result"
+    names = {p.name for p in fresh}
+    extra = {p.name for p in (ROOT / "rlhf" / "v1").glob("*_pb2*")} - names
+    assert not extra, f"stubs without a .proto source: {extra}"
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+def _package_imports(package: str) -> dict[Path, set[str]]:
+    return {p: _imports(p) for p in (ROOT / package).rglob("*.py")}
+
+
+def _top(module: str) -> str:
+    return module.split(".")[0]
+
+
+def test_serving_and_learner_never_import_each_other():
+    for package, banned in (("serving", {"learner", "ui"}), ("learner", {"serving", "ui"})):
+        for path, modules in _package_imports(package).items():
+            bad = {m for m in modules if _top(m) in banned}
+            assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_ui_talks_to_the_wire_contract_only():
+    for path, modules in _package_imports("ui").items():
+        bad = {m for m in modules if _top(m) in {"serving", "learner", "torch", "transformers"}}
+        bad |= {m for m in modules if _top(m) == "rlhf" and not m.startswith("rlhf.v1")}
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_shared_package_does_not_depend_on_a_process():
+    for path, modules in _package_imports("rlhf").items():
+        if path.name == "cli.py":  # the dispatcher imports each process lazily by design
+            continue
+        bad = {m for m in modules if _top(m) in {"serving", "learner", "ui"}}
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+PURE_MATH = ["learner/losses.py", "learner/advantages.py", "learner/kl_control.py",
+             "serving/sampling.py"]
+
+
+def test_pure_math_imports_only_torch():
+    for rel in PURE_MATH:
+        path = ROOT / rel
+        if not path.exists():
+            continue
+        extra = {m for m in _imports(path) if _top(m) not in {"torch", "__future__", "math"}}
+        assert not extra, f"{rel} must import only torch, imports {extra}"

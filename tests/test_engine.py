@@ -1,0 +1,96 @@
+"""The engine's pure sampling against hand-worked numbers, and batching against HF generate."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+import torch
+
+from rlhf.modeling import load_model
+from serving.adapters import AdapterManager
+from serving.engine import Engine, Sampling
+from serving.sampling import sample_next
+
+
+def pick(logits, u, temperature=1.0, top_k=0, top_p=1.0) -> int:
+    return int(sample_next(torch.tensor([logits]), torch.tensor([temperature]),
+                           torch.tensor([top_k]), torch.tensor([top_p]), torch.tensor([u]))[0])
+
+
+def test_inverse_cdf_sampling_by_hand():
+    # p = (0.5, 0.3, 0.2): cumulative 0.5, 0.8, 1.0
+    logits = [math.log(0.5), math.log(0.3), math.log(0.2)]
+    assert [pick(logits, u) for u in (0.0, 0.49, 0.51, 0.79, 0.81, 0.999)] == [0, 0, 1, 1, 2, 2]
+
+
+def test_top_p_and_top_k_by_hand():
+    logits = [math.log(0.5), math.log(0.3), math.log(0.2)]
+    # top_p 0.6 keeps {0, 1} (mass before token 1 is 0.5 < 0.6): renormalised 0.625 / 0.375.
+    assert [pick(logits, u, top_p=0.6) for u in (0.6, 0.63, 0.99)] == [0, 1, 1]
+    # top_p 0.5 keeps token 0 alone.
+    assert pick(logits, 0.99, top_p=0.5) == 0
+    # top_k 2 keeps {0, 1}, like top_p 0.6.
+    assert [pick(logits, u, top_k=2) for u in (0.6, 0.63)] == [0, 1]
+
+
+def test_temperature_by_hand():
+    # logits (0, ln 2): T=1 gives (1/3, 2/3); T=0.5 gives (1/5, 4/5); sorted: token 1 first.
+    logits = [0.0, math.log(2.0)]
+    assert pick(logits, 0.6) == 1 and pick(logits, 0.7) == 0
+    assert pick(logits, 0.7, temperature=0.5) == 1 and pick(logits, 0.85, temperature=0.5) == 0
+    assert pick(logits, 0.99, temperature=0.0) == 1  # greedy ignores the uniform
+
+
+def test_rows_keep_their_own_parameters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]] * 3))
+    out = sample_next(logits, torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0, 0, 1]),
+                      torch.tensor([1.0, 1.0, 1.0]), torch.tensor([0.9, 0.9, 0.9]))
+    assert out.tolist() == [2, 0, 0]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    return load_model(str(tiny_model_dir))
+
+
+def _prompt(loaded, text: str) -> list[int]:
+    tok = loaded.tokenizer
+    chat = tok.apply_chat_template([{"role": "user", "content": text}],
+                                   add_generation_prompt=True, tokenize=False)
+    return list(tok(chat, add_special_tokens=False)["input_ids"])
+
+
+def test_continuous_batching_matches_one_at_a_time_generate(loaded):
+    """Requests of different lengths joining a running batch decode exactly as alone."""
+    prompts = [_prompt(loaded, t) for t in
+               ("hi", "What is 12 + 30?", "Reverse these words: red green blue yellow",
+                "Sort these numbers: 9 4 7 1 3 8")]
+    steps = 24
+    expected = []
+    for ids in prompts:
+        out = loaded.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=steps,
+                                    min_new_tokens=steps, pad_token_id=loaded.tokenizer.pad_token_id)
+        expected.append(out[0, len(ids):].tolist())
+    engine = Engine(loaded.tokenizer, adapters=AdapterManager(loaded.model),
+                    eos_token_ids=loaded.eos_token_ids, context_length=loaded.context_length,
+                    max_batch_size=8, max_queue=8, threads=1)
+    engine.start()
+
+    async def run_one(i: int, ids: list[int]) -> str:
+        await asyncio.sleep(0.004 * i)  # later requests join a batch already decoding
+        handle = engine.submit(f"r{i}", ids, 1, Sampling(steps, temperature=0.0,
+                                                         min_new_tokens=steps))
+        return "".join([e.text for events in [ev async for ev in handle] for e in events])
+
+    async def main() -> list[str]:
+        return await asyncio.gather(*[run_one(i, ids) for i, ids in enumerate(prompts)])
+
+    try:
+        texts = asyncio.run(main())
+    finally:
+        engine.stop()
+    decode = loaded.tokenizer.decode
+    assert texts == [decode(e, skip_special_tokens=True) for e in expected]
+    assert engine.steps < 2 * steps  # they shared decode steps (one by one: >= 4 x steps)
