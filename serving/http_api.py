@@ -1,9 +1,9 @@
 """OpenAI-compatible HTTP face: pydantic wire models translated to and from ``PolicyService``.
 
 ``model`` may be the served base model name (the current adapter answers), ``"base"`` or a
-loaded adapter version (the request is pinned to it); ``adapter_version`` is an extension
-that pins explicitly. Every rule about a valid request lives in the service; this module
-only maps names, status codes and the streaming format.
+loaded adapter version (the request is pinned to it). Extensions: ``top_k``, ``min_tokens``
+and ``adapter_version`` (pins explicitly). Every rule about a valid request lives in the
+service; this module only maps names, status codes and the streaming format.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import contextlib
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -24,15 +24,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.service import Code, GenerateInput, Generation, PolicyService, ServiceError
+from serving.service import Code, GenerateInput, Generation, Info, PolicyService, ServiceError
 
 MAX_BODY_BYTES = 1 << 20
 STATUS = {Code.INVALID_ARGUMENT: 400, Code.NOT_FOUND: 404, Code.RESOURCE_EXHAUSTED: 429,
           Code.UNAVAILABLE: 503, Code.DEADLINE_EXCEEDED: 504, Code.INTERNAL: 500}
 ERROR_TYPE = {401: "authentication_error", 429: "rate_limit_error", 503: "service_unavailable"}
 FINISH = {"eos": "stop", "stop": "stop", "max_tokens": "length", "context": "length"}
-_PARAMS = ("n", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "messages",
-           "adapter_version")
+_PARAMS = ("n", "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+           "messages", "adapter_version")
 _UNION_TAGS = {"str", "int", "float", "bool", "list", "none"}
 
 
@@ -55,7 +55,8 @@ class APIError(Exception):
 
 
 def service_error(exc: ServiceError) -> APIError:
-    message = exc.message.replace("max_new_tokens", "max_tokens")
+    message = exc.message.replace("max_new_tokens", "max_tokens").replace(
+        "min_new_tokens", "min_tokens")
     head = message.split(" ", 1)[0].split("[", 1)[0]
     param = head if head in _PARAMS else None
     if "stop sequence" in message:
@@ -66,8 +67,6 @@ def service_error(exc: ServiceError) -> APIError:
         param = "adapter_version"
     return APIError(STATUS[exc.code], message, param, exc.code.value)
 
-
-# -- wire models ---------------------------------------------------------------------------
 
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
@@ -100,6 +99,7 @@ class ChatRequest(_Wire):
     seed: int | None = None
     stop: str | list[str] | None = None
     top_k: int | None = None
+    min_tokens: int | None = None
     adapter_version: str | None = None
 
 
@@ -113,13 +113,13 @@ def to_input(body: ChatRequest, adapter: str | None, request_id: str | None) -> 
                   for m in body.messages],
         n=body.n, max_new_tokens=body.max_tokens if max_new is None else max_new,
         temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
+        min_new_tokens=body.min_tokens,
         stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or ()),
         adapter_version=adapter, request_id=request_id)
 
 
-def pinned_adapter(service: PolicyService, body: ChatRequest) -> str | None:
+def pinned_adapter(info: Info, body: ChatRequest) -> str | None:
     """The adapter version ``model``/``adapter_version`` pin the request to (None: current)."""
-    info = service.info()
     model = body.model or ""
     from_model = model if model in info.loaded_adapter_versions else None
     if model and from_model is None and model != info.base_model:
@@ -136,8 +136,6 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
 
-
-# -- responses -----------------------------------------------------------------------------
 
 async def _disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
@@ -179,7 +177,7 @@ def _sse(payload: dict[str, Any]) -> str:
 
 
 async def stream(gen: Generation, head: dict[str, Any], include_usage: bool
-                 ) -> AsyncIterator[str]:
+                 ) -> AsyncGenerator[str, None]:
     head = {**head, "object": "chat.completion.chunk"}
 
     def chunk(index: int, delta: dict[str, str], reason: str | None) -> str:
@@ -206,12 +204,24 @@ async def stream(gen: Generation, head: dict[str, Any], include_usage: bool
         yield "data: [DONE]\n\n"
     except ServiceError as exc:
         yield _sse(service_error(exc).body())
-    finally:
-        if not gen.handle.done:
-            gen.cancel()
 
 
-# -- app -----------------------------------------------------------------------------------
+class EventStream(StreamingResponse):
+    """SSE that cancels its generation however the response ends, even before it starts."""
+
+    def __init__(self, gen: Generation, content: AsyncGenerator[str, None]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
+        self.gen, self.content = gen, content
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.gen.handle.done:
+                self.gen.cancel()
+            await self.content.aclose()  # runs the generator's cleanup (metrics) now
+
 
 class Guard:
     """Bearer auth on /v1 and the body size limit, before FastAPI reads anything."""
@@ -285,20 +295,17 @@ def create_app(service: PolicyService) -> FastAPI:
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
-        adapter = pinned_adapter(service, body)
+        info = service.info()
+        adapter = pinned_adapter(info, body)
         gen = service.open(to_input(body, adapter, request.headers.get("x-request-id")),
                            api="http")
         head = {"id": f"chatcmpl-{gen.request_id}", "object": "chat.completion",
-                "created": int(time.time()),
-                "model": body.model or service.info().base_model,
-                "system_fingerprint": gen.adapter_version,
-                "adapter_version": gen.adapter_version}
+                "created": int(time.time()), "model": body.model or info.base_model,
+                "system_fingerprint": gen.adapter_version, "adapter_version": gen.adapter_version}
         if not body.stream:
             return await complete(request, gen, head)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(stream(gen, head, include_usage),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return EventStream(gen, stream(gen, head, include_usage))
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -310,7 +317,7 @@ def create_app(service: PolicyService) -> FastAPI:
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
         if not service.ready:
-            return JSONResponse({"status": "loading"}, 503)
+            return JSONResponse({"status": "draining" if service.draining else "loading"}, 503)
         info = service.info()
         return JSONResponse({"status": "ok", "model": info.base_model,
                              "adapter_version": info.current_adapter_version})

@@ -123,11 +123,12 @@ async def _phase_load(config: ServingConfig, service: PolicyService, run: Runnin
     return engine
 
 
-async def _phase_shutdown(config: ServingConfig, run: Running, engine: Engine | None) -> None:
+async def _phase_shutdown(config: ServingConfig, service: PolicyService, run: Running,
+                          engine: Engine | None) -> None:
     """Health NOT_SERVING at once; running and queued requests finish within the grace."""
     await run.health.enter_graceful_shutdown()
+    service.drain()  # /healthz 503, new Generate calls get UNAVAILABLE
     if engine is not None:
-        engine.close_intake()  # new Generate calls now get UNAVAILABLE
         deadline = asyncio.get_running_loop().time() + config.shutdown_grace_s
         while asyncio.get_running_loop().time() < deadline:
             stats = engine.stats()
@@ -165,4 +166,4 @@ async def serve(config: ServingConfig) -> None:
     else:
         load.cancel()
     log.info("shutting down")
-    await _phase_shutdown(config, run, engine)
+    await _phase_shutdown(config, service, run, engine)

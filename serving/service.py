@@ -137,6 +137,7 @@ class PolicyService:
         self.model: LoadedModel | None = None
         self.engine: Engine | None = None
         self.adapters: AdapterManager | None = None
+        self.draining = False
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -147,7 +148,14 @@ class PolicyService:
 
     @property
     def ready(self) -> bool:
-        return self.engine is not None
+        return self.engine is not None and not self.draining
+
+    def drain(self) -> None:
+        """Shutting down: health checks fail, new requests get UNAVAILABLE."""
+        self.draining = True
+        self.metrics.ready.set(0)
+        if self.engine is not None:
+            self.engine.close_intake()
 
     def _require(self) -> tuple[LoadedModel, Engine, AdapterManager]:
         if self.model is None or self.engine is None or self.adapters is None:

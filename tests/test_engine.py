@@ -71,7 +71,8 @@ def test_continuous_batching_matches_one_at_a_time_generate(loaded):
     expected = []
     for ids in prompts:
         out = loaded.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=steps,
-                                    min_new_tokens=steps, pad_token_id=loaded.tokenizer.pad_token_id)
+                                    min_new_tokens=steps,
+                                    pad_token_id=loaded.tokenizer.pad_token_id)
         expected.append(out[0, len(ids):].tolist())
     engine = Engine(loaded.tokenizer, adapters=AdapterManager(loaded.model),
                     eos_token_ids=loaded.eos_token_ids, context_length=loaded.context_length,

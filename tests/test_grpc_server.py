@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -297,6 +298,7 @@ def test_graceful_shutdown_finishes_running_streams(tiny_model_dir):
                 break
             time.sleep(0.01)
         assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses
+        assert httpx.get(srv.http_base + "/healthz").status_code == 503
         with pytest.raises(grpc.RpcError) as err:  # no new work while draining
             list(stub.Generate(request()))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -305,3 +307,23 @@ def test_graceful_shutdown_finishes_running_streams(tiny_model_dir):
             assert sorted(finals) == list(range(9))
             assert all(f.completion_tokens == 200 for f in finals.values())
     assert srv.proc.wait(30) == 0
+
+
+def test_tls(tiny_model_dir, tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    srv = ServerProcess(tiny_model_dir, extra=["--tls-cert", str(cert), "--tls-key", str(key)])
+    try:
+        creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        with grpc.secure_channel(srv.grpc_target, creds) as channel:
+            _, finals, _ = collect(pbg.PolicyStub(channel).Generate(request(seed=4)))
+            assert 0 in finals
+        with grpc.insecure_channel(srv.grpc_target) as channel:  # plaintext is refused
+            with pytest.raises(grpc.RpcError) as err:
+                pbg.PolicyStub(channel).GetInfo(pb.GetInfoRequest(), timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        srv.stop()

@@ -116,10 +116,16 @@ def test_stop_sequence_cuts_the_text_and_reports_stop(client, model):
         assert r.choices[0].finish_reason == "stop"
 
 
+def test_min_tokens_extension_holds_off_the_end(client, model):
+    r = chat(client, model, n=3, seed=0, max_tokens=8, extra_body={"min_tokens": 8})
+    assert [c.finish_reason for c in r.choices] == ["length"] * 3
+    assert r.usage.completion_tokens == 3 * 8
+
+
 def test_models_lists_base_and_adapters_and_model_pins_the_version(client, model,
                                                                      tiny_model_dir):
     ids = [m.id for m in client.models.list()]
-    assert ids == [str(tiny_model_dir), "base"]
+    assert ids[0] == str(tiny_model_dir) and "base" in ids
     assert all(m.object == "model" and m.owned_by == "rlhf" for m in client.models.list())
     r = chat(client, "base", max_tokens=2, extra_body={"adapter_version": "base", "top_k": 5})
     assert r.adapter_version == "base"
@@ -136,6 +142,7 @@ def test_models_lists_base_and_adapters_and_model_pins_the_version(client, model
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "role"),
     ({"messages": [{"role": "user", "content": "word " * 4000}]}, "context window"),
     ({"stop": [""]}, "stop"),
+    ({"max_tokens": 4, "extra_body": {"min_tokens": 5}}, "min_tokens"),
 ])
 def test_invalid_requests_are_400_with_a_message_saying_what_to_fix(client, model, kwargs,
                                                                      mentions):
