@@ -37,6 +37,11 @@ class ServingConfig:
     max_stop_sequences: int = _f(8, "most stop sequences per request")
     shutdown_grace_s: float = _f(10.0, "seconds running streams get to finish on shutdown")
 
+    redis_url: str = _f("", "Redis holding the comparisons stream, e.g. redis://127.0.0.1:6379/0; "
+                        "empty = the Feedback API is off", secret=True)
+    max_feedback_chars: int = _f(32768, "longest text in a comparison record (each candidate, "
+                                 "message, comment, ideal answer)")
+
     def __post_init__(self) -> None:
         problems = []
         if not 1 <= self.max_n <= self.max_batch_size:
@@ -45,6 +50,8 @@ class ServingConfig:
             problems.append("default_max_new_tokens must be in 1..max_new_tokens")
         if self.max_queue < 1:
             problems.append("max_queue must be >= 1")
+        if self.max_feedback_chars < 1:
+            problems.append("max_feedback_chars must be >= 1")
         if bool(self.tls_cert) != bool(self.tls_key):
             problems.append("tls_cert and tls_key go together")
         if problems:

@@ -1,7 +1,8 @@
 """`rlhf serve`: one process with the engine, the gRPC server and the HTTP face.
 
 Phases: (1) listen at once, health NOT_SERVING; (2) load the model in a worker thread and
-start the engine, then health SERVING; (3) run until SIGTERM/SIGINT; (4) shut down
+start the engine (and, with --redis-url, make sure the comparisons stream's consumer group
+exists), then health SERVING; (3) run until SIGTERM/SIGINT; (4) shut down
 gracefully: health NOT_SERVING, refuse new requests, let running streams finish within
 the grace period, stop the engine.
 """
@@ -23,13 +24,16 @@ import grpc
 import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from redis.exceptions import RedisError
 
 from rlhf.modeling import load_model
 from rlhf.settings import describe
-from rlhf.v1 import policy_pb2, policy_pb2_grpc
+from rlhf.v1 import feedback_pb2, feedback_pb2_grpc, policy_pb2, policy_pb2_grpc
 from serving.adapters import AdapterManager
 from serving.config import ServingConfig
 from serving.engine import Engine
+from serving.feedback import FeedbackService
+from serving.feedback_api import FeedbackServicer, feedback_router
 from serving.grpc_server import BearerAuthInterceptor, PolicyServicer
 from serving.http_api import create_app
 from serving.service import PolicyService
@@ -37,6 +41,7 @@ from serving.service import PolicyService
 log = logging.getLogger(__name__)
 
 POLICY_SERVICE = policy_pb2.DESCRIPTOR.services_by_name["Policy"].full_name
+FEEDBACK_SERVICE = feedback_pb2.DESCRIPTOR.services_by_name["Feedback"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -57,6 +62,8 @@ class Running:
     http_task: asyncio.Task | None
     http_port: int | None
     health: health.aio.HealthServicer
+    health_names: tuple[str, ...] = ("", POLICY_SERVICE)
+    feedback: FeedbackService | None = None
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -67,17 +74,22 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def _phase_listen(config: ServingConfig, service: PolicyService) -> Running:
+async def _phase_listen(config: ServingConfig, service: PolicyService,
+                        feedback: FeedbackService | None = None) -> Running:
     interceptors = [BearerAuthInterceptor(config.auth_token)] if config.auth_token else []
     server = grpc.aio.server(interceptors=interceptors,
                              options=[("grpc.max_receive_message_length", 8 << 20)])
     policy_pb2_grpc.add_PolicyServicer_to_server(PolicyServicer(service), server)
+    names: tuple[str, ...] = ("", POLICY_SERVICE)
+    if feedback is not None:
+        feedback_pb2_grpc.add_FeedbackServicer_to_server(FeedbackServicer(feedback), server)
+        names += (FEEDBACK_SERVICE,)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", POLICY_SERVICE):
+    for name in names:
         await health_servicer.set(name, NOT_SERVING)
     reflection.enable_server_reflection(
-        (POLICY_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        (*names[1:], health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
     address = f"{config.host}:{config.grpc_port}"
     if config.tls_cert:
@@ -92,10 +104,14 @@ async def _phase_listen(config: ServingConfig, service: PolicyService) -> Runnin
     if config.http_port >= 0:
         sock = _bind(config.host, config.http_port)
         http_port = sock.getsockname()[1]
-        http = _EmbeddedUvicorn(uvicorn.Config(create_app(service), log_level="warning",
+        app = create_app(service)
+        if feedback is not None:
+            app.include_router(feedback_router(feedback))
+        http = _EmbeddedUvicorn(uvicorn.Config(app, log_level="warning",
                                                lifespan="off", access_log=False))
         http_task = asyncio.create_task(http.serve(sockets=[sock]))
-    return Running(server, grpc_port, http, http_task, http_port, health_servicer)
+    return Running(server, grpc_port, http, http_task, http_port, health_servicer, names,
+                   feedback)
 
 
 def _load_engine(config: ServingConfig, service: PolicyService) -> Engine:
@@ -115,9 +131,24 @@ def _load_engine(config: ServingConfig, service: PolicyService) -> Engine:
     return engine
 
 
+async def _prepare_feedback(feedback: FeedbackService | None) -> None:
+    """Create the learner's consumer group now; a Redis that is down is not fatal (each
+    submission then fails with UNAVAILABLE, and the first stored one makes the group)."""
+    if feedback is None:
+        return
+    try:
+        made = await feedback.store.ensure_group()
+        log.info("comparisons stream %s: consumer group %s %s", feedback.store.stream,
+                 feedback.store.group, "created" if made else "exists")
+    except RedisError as exc:
+        log.warning("feedback store unreachable at start (%s); submissions will fail with "
+                    "UNAVAILABLE until it answers", exc)
+
+
 async def _phase_load(config: ServingConfig, service: PolicyService, run: Running) -> Engine:
-    engine = await asyncio.to_thread(_load_engine, config, service)
-    for name in ("", POLICY_SERVICE):
+    engine, _ = await asyncio.gather(asyncio.to_thread(_load_engine, config, service),
+                                     _prepare_feedback(run.feedback))
+    for name in run.health_names:
         await run.health.set(name, SERVING)
     log.info("serving %s", service.info().base_model)
     return engine
@@ -141,16 +172,19 @@ async def _phase_shutdown(config: ServingConfig, service: PolicyService, run: Ru
         await run.http_task
     if engine is not None:
         await asyncio.to_thread(engine.stop, 1.0)
+    if run.feedback is not None:
+        await run.feedback.store.close()
 
 
 async def serve(config: ServingConfig) -> None:
     log.info("serving config: %s", describe(config))
     service = PolicyService(config)
+    feedback = FeedbackService.from_config(config, service) if config.redis_url else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    run = await _phase_listen(config, service)
+    run = await _phase_listen(config, service, feedback)
     sys.stdout.write(json.dumps({"event": "listening", "grpc_port": run.grpc_port,
                                  "http_port": run.http_port}) + "\n")
     sys.stdout.flush()
