@@ -6,9 +6,8 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
-if [ "${RLHF_NEED_BROWSER:-0}" = "1" ] && ! command -v chromium >/dev/null 2>&1; then
-  need_apt+=(chromium)
-fi
+# Debian's Chromium drives the browser tests (Playwright uses it; it never downloads one).
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]} with apt" >&2
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

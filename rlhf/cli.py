@@ -36,6 +36,25 @@ def _serve(argv: Sequence[str]) -> int:
     return 0
 
 
+def _ui(argv: Sequence[str]) -> int:
+    from rlhf import settings
+    from ui.app import main
+    from ui.config import UIConfig
+
+    parser = argparse.ArgumentParser(prog="rlhf ui", description="Run the ranking UI (Gradio). "
+                                     "Every flag can also be set as RLHF_UI_<FLAG_NAME>.")
+    settings.add_arguments(parser, UIConfig)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    _logging(args.verbose)
+    try:
+        config = settings.build(UIConfig, args, "RLHF_UI_")
+    except (ValueError, TypeError) as exc:
+        parser.error(str(exc))
+    logging.getLogger("rlhf.ui").info("ui config: %s", settings.describe(config))
+    return main(config)
+
+
 def _starter(argv: Sequence[str]) -> int:
     from rlhf.starter import main
 
@@ -58,6 +77,7 @@ def _bench(argv: Sequence[str]) -> int:
 
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "serve": (_serve, "run the policy server (gRPC + OpenAI-compatible HTTP)"),
+    "ui": (_ui, "run the ranking UI (Gradio) against a running serve"),
     "starter-model": (_starter, "build (or reuse) the built-in starter model; prints its path"),
     "codegen": (_codegen, "regenerate the Python stubs of proto/"),
     "bench": (_bench, "benchmarks that print JSON (rlhf bench serving)"),

@@ -1,0 +1,68 @@
+"""UIConfig: the one frozen configuration of the ranking UI process (`rlhf ui`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _f(default, help: str, **meta):
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass(frozen=True)
+class UIConfig:
+    """Everything `rlhf ui` needs; CLI flags and RLHF_UI_* env vars override defaults."""
+
+    policy_target: str = _f("127.0.0.1:50051", "gRPC address of `rlhf serve` (host:port)")
+    auth_token: str = _f("", "bearer token serving expects; empty = none", secret=True)
+    host: str = _f("127.0.0.1", "interface the UI binds to")
+    port: int = _f(7860, "HTTP port of the UI")
+    k: int = _f(4, "alternatives per turn the labeler ranks (2..9)")
+    max_new_tokens: int = _f(128, "tokens per alternative")
+    min_new_tokens: int = _f(1, "tokens each alternative has at least (no empty answers)")
+    temperature: float = _f(0.9, "sampling temperature of the alternatives")
+    top_p: float = _f(1.0, "nucleus sampling mass of the alternatives")
+    users: str = _f("", "labeler accounts: 'alice:pw1,bob:pw2' or a file of user:password lines",
+                    secret=True)
+    rpc_timeout_s: float = _f(120.0, "deadline of each call to serving, seconds")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 2 <= self.k <= 9:
+            problems.append("k must be in 2..9")
+        if self.max_new_tokens < 1:
+            problems.append("max_new_tokens must be >= 1")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            problems.append("min_new_tokens must be in 0..max_new_tokens")
+        if self.temperature < 0:
+            problems.append("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            problems.append("top_p must be in (0, 1]")
+        if self.rpc_timeout_s <= 0:
+            problems.append("rpc_timeout_s must be > 0")
+        if problems:
+            raise ValueError("invalid ui config: " + "; ".join(problems))
+
+    def accounts(self) -> list[tuple[str, str]]:
+        """The labeler accounts as (user, password) pairs, from the inline list or a file."""
+        text = self.users.strip()
+        if not text:
+            return []
+        if ":" not in text.split(",")[0] or Path(text).is_file():
+            text = Path(text).read_text()
+        return parse_accounts(text)
+
+
+def parse_accounts(text: str) -> list[tuple[str, str]]:
+    """'alice:pw1,bob:pw2' or one 'user:password' per line ('#' comments allowed)."""
+    pairs = []
+    for raw in text.replace(",", "\n").splitlines():
+        item = raw.strip()
+        if not item or item.startswith("#"):
+            continue
+        user, sep, password = item.partition(":")
+        if not sep or not user.strip() or not password:
+            raise ValueError(f"labeler account {user.strip()!r} must be written user:password")
+        pairs.append((user.strip(), password))
+    return pairs
