@@ -291,7 +291,7 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(args.threads)
     model_dir = resolve_model_name(args.model)
     tasks = make_tasks(512, seed=PROMPT_SEED)
-    loaded = load_model(model_dir)
+    loaded = load_model(args.model)  # same directory; keeps the display name
     log.info("baseline: sequential model.generate")
     baseline = _baseline(loaded, tasks, args.max_new_tokens, args.requests_per_level,
                          args.seconds_per_level)
