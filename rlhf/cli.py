@@ -68,6 +68,13 @@ def _codegen(argv: Sequence[str]) -> int:
     return main(list(argv))
 
 
+def _data(argv: Sequence[str]) -> int:
+    from rlhf.data import main
+
+    _logging(False)
+    return main(list(argv))
+
+
 def _bench(argv: Sequence[str]) -> int:
     from serving.bench import main
 
@@ -80,7 +87,8 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "ui": (_ui, "run the ranking UI (Gradio) against a running serve"),
     "starter-model": (_starter, "build (or reuse) the built-in starter model; prints its path"),
     "codegen": (_codegen, "regenerate the Python stubs of proto/"),
-    "bench": (_bench, "benchmarks that print JSON (rlhf bench serving)"),
+    "data": (_data, "export the comparisons stream as JSONL; import chosen/rejected pairs"),
+    "bench": (_bench, "benchmarks that print JSON (rlhf bench serving|feedback)"),
 }
 
 

@@ -130,8 +130,8 @@ def _summary(samples: list[Sample], wall: float, concurrency: int) -> dict:
             "latency_ms": _dist([s.latency for s in ok])}
 
 
-def _baseline(loaded: LoadedModel, tasks: list, max_new: int, count: int | None,
-              seconds: float) -> dict:
+def _baseline(loaded: LoadedModel, tasks: list, max_new: int, min_new: int,
+              count: int | None, seconds: float) -> dict:
     """Sequential HF generate, one request at a time (after one untimed warm-up)."""
     tok, model = loaded.tokenizer, loaded.model
     device = next(model.parameters()).device
@@ -143,7 +143,8 @@ def _baseline(loaded: LoadedModel, tasks: list, max_new: int, count: int | None,
             torch.manual_seed(max(i, 0))
             t0 = time.perf_counter()
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                 max_new_tokens=max_new, do_sample=True, temperature=1.0,
+                                 max_new_tokens=max_new, min_new_tokens=min_new,
+                                 do_sample=True, temperature=1.0,
                                  top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id,
                                  eos_token_id=sorted(eos))
             if i >= 0:
@@ -215,6 +216,7 @@ async def _grpc_levels(port: int, tasks: list, args: argparse.Namespace) -> list
             req = pb.GenerateRequest(
                 messages=[pb.ChatMessage(role=r, content=c) for r, c in messages], n=1,
                 sampling=pb.SamplingParams(max_new_tokens=args.max_new_tokens,
+                                           min_new_tokens=_min_new(args),
                                            temperature=1.0, seed=seed))
             async for chunk in stub.Generate(req):
                 yield chunk.text, chunk.completion_tokens
@@ -234,7 +236,8 @@ async def _engine_levels(loaded: LoadedModel, tasks: list, args: argparse.Namesp
 
     async def gen(messages: Messages, seed: int) -> AsyncIterator[tuple[str, int]]:
         handle = engine.submit(uuid.uuid4().hex, _encode(loaded.tokenizer, messages), 1,
-                               Sampling(args.max_new_tokens, 1.0, seed=seed))
+                               Sampling(args.max_new_tokens, 1.0, seed=seed,
+                                        min_new_tokens=_min_new(args)))
         async for events in handle:
             for e in events:
                 yield e.text, e.completion_tokens
@@ -271,7 +274,7 @@ def _targets(levels: list[dict]) -> dict:
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="rlhf bench", description=__doc__.splitlines()[0])
-    p.add_argument("suite", choices=["serving"])
+    p.add_argument("suite", choices=["serving", "feedback"])
     p.add_argument("--model", default="", help="model directory or hub id (default: starter)")
     p.add_argument("--concurrency", default="1,8,32",
                    type=lambda s: [int(x) for x in s.split(",") if x])
@@ -282,19 +285,31 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seconds-per-level", type=float, default=12.0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (server and baseline)")
     p.add_argument("--in-process", action="store_true", help="drive the Engine, no gRPC")
+    p.add_argument("--natural-length", action="store_true",
+                   help="let EOS end answers (default: fixed length max_new_tokens)")
     p.add_argument("--out", help="also write the JSON here")
     return p.parse_args(argv)
 
 
+def _min_new(args: argparse.Namespace) -> int:
+    """Fixed-length outputs (EOS ignored until max_new_tokens, as vLLM's serving benchmark
+    does) unless --natural-length: both sides then generate the same number of tokens."""
+    return 0 if args.natural_length else args.max_new_tokens
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["feedback"]:  # its own flags: rlhf bench feedback --help
+        from serving.feedback_bench import main as feedback_main
+
+        return feedback_main(argv[1:])
     args = _parse(argv)
     torch.set_num_threads(args.threads)
     model_dir = resolve_model_name(args.model)
     tasks = make_tasks(512, seed=PROMPT_SEED)
     loaded = load_model(args.model)  # same directory; keeps the display name
     log.info("baseline: sequential model.generate")
-    baseline = _baseline(loaded, tasks, args.max_new_tokens, args.requests_per_level,
-                         args.seconds_per_level)
+    baseline = _baseline(loaded, tasks, args.max_new_tokens, _min_new(args),
+                         args.requests_per_level, args.seconds_per_level)
     if args.in_process:
         levels = asyncio.run(_engine_levels(loaded, tasks, args))
     else:

@@ -4,12 +4,11 @@ Wire-neutral like ``PolicyService``: the gRPC servicer and the HTTP route both h
 ``rlhf.v1.Comparison`` to ``FeedbackService.submit`` and translate ``ServiceError`` codes.
 A ranking is acknowledged only after Redis accepted it (DESIGN.md §5); the Redis layout
 (stream fields, the id index, the consumer group) is written down in
-``proto/rlhf/v1/feedback.proto``.
+``proto/rlhf/v1/feedback.proto`` and coded once in ``rlhf.comparisons``.
 """
 
 from __future__ import annotations
 
-import base64
 import logging
 import re
 import time
@@ -21,34 +20,18 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError, ResponseError
 
+from rlhf.comparisons import GROUP, ID_INDEX, STREAM, SUBMIT_LUA, parse_reply, submit_call
+from rlhf.comparisons import decode_entry as decode_entry  # re-exported for readers
+from rlhf.comparisons import encode_entry as encode_entry
 from rlhf.v1.feedback_pb2 import Candidate, Comparison, Flag
 from serving.config import ServingConfig
 from serving.service import ROLES, Code, PolicyService, ServiceError
 
 log = logging.getLogger(__name__)
 
-STREAM = "rlhf:comparisons"
-ID_INDEX = "rlhf:comparison_ids"
-GROUP = "learner"
-SCHEMA = "rlhf.v1.Comparison"
 ID_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 KNOWN_FLAGS = frozenset(v.number for v in Flag.DESCRIPTOR.values if v.number != 0)
 NOT_STORED = "the ranking was NOT stored; keep it and submit it again with the same id"
-
-# Check-and-append in one atomic step: a record id already in the index answers with the
-# entry it was stored as; otherwise the group is made (from 0, so the learner reads every
-# entry) when the stream is new, then XADD (no MAXLEN: nothing is ever trimmed) and index.
-# KEYS: id index hash, stream. ARGV: record id, group, then the entry's field/value pairs.
-_SUBMIT_LUA = """
-local seen = redis.call('HGET', KEYS[1], ARGV[1])
-if seen then return {1, seen} end
-if redis.call('EXISTS', KEYS[2]) == 0 then
-  redis.call('XGROUP', 'CREATE', KEYS[2], ARGV[2], '0', 'MKSTREAM')
-end
-local entry = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
-redis.call('HSET', KEYS[1], ARGV[1], entry)
-return {0, entry}
-"""
 
 
 @dataclass(frozen=True)
@@ -142,7 +125,9 @@ def _check_candidates(candidates: Sequence[Candidate], known_versions: Collectio
                                 f"{limits.max_candidates} alternatives, got {k}")
     for i, c in enumerate(candidates):
         where = f"candidates[{i}]"
-        if not c.text.strip():
+        # A whitespace-only answer is a real (bad) answer the labeler may rank last; an
+        # empty string means the client lost the text.
+        if not c.text:
             raise InvalidComparison(f"{where}.text", "is empty: send the text that was shown")
         _check_size(f"{where}.text", c.text, limits)
         if c.adapter_version not in known_versions:
@@ -182,30 +167,13 @@ def _check_ranking(candidates: Sequence[Candidate]) -> None:
 # -- storage -----------------------------------------------------------------------------
 
 
-def encode_entry(record: Comparison) -> dict[str, bytes]:
-    """The stream entry's fields for a record whose received_at is set."""
-    return {
-        "id": record.id.encode(),
-        "labeler_id": record.labeler_id.encode(),
-        "received_at": str(record.received_at.ToMilliseconds()).encode(),
-        "k": str(len(record.candidates)).encode(),
-        "schema": SCHEMA.encode(),
-        "record": base64.b64encode(record.SerializeToString(deterministic=True)),
-    }
-
-
-def decode_entry(fields: dict[bytes, bytes]) -> Comparison:
-    """The record of one stream entry (what the learner does)."""
-    return Comparison.FromString(base64.b64decode(fields[b"record"]))
-
-
 class ComparisonStore:
     """Appends records to the comparisons stream, once per id."""
 
     def __init__(self, client: aioredis.Redis, stream: str = STREAM, id_index: str = ID_INDEX,
                  group: str = GROUP) -> None:
         self.client, self.stream, self.id_index, self.group = client, stream, id_index, group
-        self._script = client.register_script(_SUBMIT_LUA)
+        self._script = client.register_script(SUBMIT_LUA)
 
     @classmethod
     def from_url(cls, url: str) -> ComparisonStore:
@@ -228,16 +196,15 @@ class ComparisonStore:
 
     async def submit(self, record: Comparison) -> SubmitResult:
         """Store ``record`` unless its id is already stored; raises UNAVAILABLE if Redis fails."""
-        fields = [part for pair in encode_entry(record).items() for part in pair]
+        keys, args = submit_call(record, self.stream, self.id_index, self.group)
         try:
-            seen, entry = await self._script(keys=[self.id_index, self.stream],
-                                             args=[record.id, self.group, *fields])
+            reply = await self._script(keys=keys, args=args)
         except RedisError as exc:
             log.warning("comparison %s not stored: %s: %s", record.id, type(exc).__name__, exc)
             raise ServiceError(Code.UNAVAILABLE, f"the feedback store (Redis) is unavailable "
                                f"({type(exc).__name__}: {exc}); {NOT_STORED}") from None
-        entry_id = entry.decode() if isinstance(entry, bytes) else str(entry)
-        return SubmitResult(record.id, bool(seen), entry_id)
+        duplicate, entry_id = parse_reply(reply)
+        return SubmitResult(record.id, duplicate, entry_id)
 
     async def close(self) -> None:
         await self.client.aclose()
