@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-DATA_VERSION = "starter-data-v1"
+DATA_VERSION = "starter-data-v2"
 """Bump whenever generated data changes, so cached starter models are rebuilt."""
 
 ANSWER_STYLES: tuple[str, ...] = ("terse", "plain", "polite", "verbose")
@@ -27,8 +27,11 @@ KINDS: tuple[str, ...] = (
     "add", "sub", "sort", "reverse", "count_words", "count_letters", "upper", "chat",
 )
 
-MAX_NUMBER = 20
+MAX_NUMBER = 10
 """Operands stay small so a few-million-parameter model can learn them in minutes."""
+
+MAX_SORT_NUMBER = 9
+"""Sorting uses single digits: comparing digit tokens is learnable at this model size."""
 
 WORDS: tuple[str, ...] = (
     "cat", "dog", "sun", "tree", "fish", "bird", "moon", "star", "apple", "lemon", "river",
@@ -124,7 +127,7 @@ def _make_sub(rng: random.Random) -> Task:
 
 
 def _make_sort(rng: random.Random) -> Task:
-    nums = [rng.randint(0, MAX_NUMBER) for _ in range(rng.randint(3, 4))]
+    nums = [rng.randint(0, MAX_SORT_NUMBER) for _ in range(rng.randint(3, 4))]
     form = rng.choice(("Sort these numbers: {x}", "Put in order: {x}",
                        "Sort from smallest to largest: {x}"))
     out = " ".join(map(str, sorted(nums)))
@@ -255,7 +258,7 @@ def make_conversation(rng: random.Random, tasks: Sequence[Task]) -> list[dict[st
     A random system prompt is added sometimes so the model tolerates one at inference.
     """
     messages: list[dict[str, str]] = []
-    if rng.random() < 0.15:
+    if rng.random() < 0.1:
         messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
     for task in tasks:
         answer = render_answer(task, rng.choices(ANSWER_STYLES, STYLE_WEIGHTS)[0], rng)
@@ -268,7 +271,7 @@ def _plain_sentence(rng: random.Random) -> str:
     word, other = rng.sample(WORDS, 2)
     a, b = rng.randint(0, MAX_NUMBER), rng.randint(0, MAX_NUMBER)
     words = rng.sample(WORDS, rng.randint(2, 4))
-    nums = [rng.randint(0, MAX_NUMBER) for _ in range(rng.randint(3, 4))]
+    nums = [rng.randint(0, MAX_SORT_NUMBER) for _ in range(rng.randint(3, 4))]
     choices = (
         f"{a} plus {b} is {a + b}.",
         f"{max(a, b)} minus {min(a, b)} is {max(a, b) - min(a, b)}.",

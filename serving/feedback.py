@@ -233,7 +233,7 @@ class FeedbackService:
         record.CopyFrom(comparison)
         record.received_at.FromMilliseconds(int(self.clock() * 1000))
         result = await self.store.submit(record)
-        log.info("comparison %s from %s: %s as %s", record.id, record.labeler_id,
+        log.debug("comparison %s from %s: %s as %s", record.id, record.labeler_id,
                  "duplicate" if result.duplicate else "stored", result.stream_entry_id)
         return result
 
