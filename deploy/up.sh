@@ -1,8 +1,42 @@
 #!/usr/bin/env bash
-# The README's run command: set up, build the starter model if needed, run the system.
-# For now that is the policy server (gRPC :50051, OpenAI-compatible HTTP :8000).
+# The README's run command: set up, then run Redis (private, AOF on), the policy server
+# (gRPC :50051, OpenAI-compatible HTTP :8000, Feedback API) and the ranking UI (:7860).
+# Ctrl-C stops everything. The learner joins when it exists (see README, "Status").
+#   RLHF_UI_USERS   labeler accounts (default demo:demo)
+#   RLHF_REDIS_URL  use this Redis instead of a private one
+#   extra arguments go to `rlhf serve` (e.g. --model <hub id or path> --load-in-4bit)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./deploy/setup.sh
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" GRADIO_ANALYTICS_ENABLED=False
-exec .venv/bin/rlhf serve "$@"
+data="${RLHF_DATA_DIR:-$PWD/.rlhf}"
+mkdir -p "$data/redis"
+pids=()
+cleanup() {
+  trap - EXIT INT TERM
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT INT TERM
+
+redis_url="${RLHF_REDIS_URL:-}"
+if [ -z "$redis_url" ]; then
+  port="${RLHF_REDIS_PORT:-6390}"
+  redis-server deploy/redis.conf --port "$port" --bind 127.0.0.1 --dir "$data/redis" \
+    --daemonize no --logfile "$data/redis/redis.log" &
+  pids+=($!)
+  redis_url="redis://127.0.0.1:$port/0"
+fi
+
+echo "up: building/loading the model (first run builds the starter model: a few minutes)" >&2
+.venv/bin/rlhf serve --redis-url "$redis_url" "$@" > "$data/serve.events" &
+pids+=($!)
+until grep -q '"ready"' "$data/serve.events" 2>/dev/null; do
+  kill -0 "${pids[-1]}" 2>/dev/null || { echo "up: rlhf serve exited" >&2; exit 1; }
+  sleep 1
+done
+echo "up: serving  gRPC 127.0.0.1:50051  HTTP http://127.0.0.1:8000/v1  (Redis $redis_url)" >&2
+echo "up: ranking UI http://127.0.0.1:7860  (accounts: ${RLHF_UI_USERS:-demo:demo})" >&2
+RLHF_UI_USERS="${RLHF_UI_USERS:-demo:demo}" .venv/bin/rlhf ui &
+pids+=($!)
+wait -n "${pids[@]}"
