@@ -66,7 +66,7 @@ class StarterPreset:
     name: str
     vocab_size: int = 640  # byte-level BPE: 256 bytes + 6 specials + merges
     hidden_size: int = 256
-    intermediate_size: int = 688
+    intermediate_size: int = 704  # multiples of 64: bitsandbytes 4-bit CPU kernels need them
     num_layers: int = 4
     num_heads: int = 4
     context_length: int = 256  # long enough for a short multi-turn chat
@@ -83,7 +83,7 @@ class StarterPreset:
 PRESETS: dict[str, StarterPreset] = {
     "starter": StarterPreset(name="starter"),
     "tiny": StarterPreset(
-        name="tiny", vocab_size=512, hidden_size=64, intermediate_size=172, num_layers=2,
+        name="tiny", vocab_size=512, hidden_size=64, intermediate_size=192, num_layers=2,
         num_heads=2, train_steps=300, learning_rate=1e-2, warmup_steps=20,
         tokenizer_texts=1500, eval_per_kind=4,
     ),
@@ -341,6 +341,7 @@ def _build_atomically(final: Path, preset: StarterPreset | str, seed: int, force
         if final.exists() and not force:
             raise FileExistsError(f"{final} exists but is not a starter model; use --force")
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the model is an ordinary cache entry
         try:
             build_starter_model(tmp, preset, seed)
             if final.exists():
