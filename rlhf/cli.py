@@ -14,45 +14,41 @@ def _logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _serve(argv: Sequence[str]) -> int:
-    import asyncio
-
+def _config(argv: Sequence[str], cls: type, prog: str, what: str, prefix: str):
+    """Parse a process's flags into its one frozen config (flag > env var > default)."""
     from rlhf import settings
-    from serving.config import ServingConfig
-    from serving.server import serve
 
-    parser = argparse.ArgumentParser(prog="rlhf serve", description="Run the policy server "
-                                     "(gRPC + OpenAI-compatible HTTP). Every flag can also be "
-                                     "set as RLHF_SERVE_<FLAG_NAME>.")
-    settings.add_arguments(parser, ServingConfig)
+    parser = argparse.ArgumentParser(prog=prog, description=f"{what} Every flag can also be "
+                                     f"set as {prefix}<FLAG_NAME>.")
+    settings.add_arguments(parser, cls)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     _logging(args.verbose)
     try:
-        config = settings.build(ServingConfig, args, "RLHF_SERVE_")
+        config = settings.build(cls, args, prefix)
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))
+    logging.getLogger(f"rlhf.{prog.split()[-1]}").info("config: %s", settings.describe(config))
+    return config
+
+
+def _serve(argv: Sequence[str]) -> int:
+    import asyncio
+
+    from serving.config import ServingConfig
+    from serving.server import serve
+
+    config = _config(argv, ServingConfig, "rlhf serve",
+                     "Run the policy server (gRPC + OpenAI-compatible HTTP).", "RLHF_SERVE_")
     asyncio.run(serve(config))
     return 0
 
 
 def _ui(argv: Sequence[str]) -> int:
-    from rlhf import settings
     from ui.app import main
     from ui.config import UIConfig
 
-    parser = argparse.ArgumentParser(prog="rlhf ui", description="Run the ranking UI (Gradio). "
-                                     "Every flag can also be set as RLHF_UI_<FLAG_NAME>.")
-    settings.add_arguments(parser, UIConfig)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    _logging(args.verbose)
-    try:
-        config = settings.build(UIConfig, args, "RLHF_UI_")
-    except (ValueError, TypeError) as exc:
-        parser.error(str(exc))
-    logging.getLogger("rlhf.ui").info("ui config: %s", settings.describe(config))
-    return main(config)
+    return main(_config(argv, UIConfig, "rlhf ui", "Run the ranking UI (Gradio).", "RLHF_UI_"))
 
 
 def _starter(argv: Sequence[str]) -> int:

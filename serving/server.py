@@ -27,7 +27,6 @@ from grpc_reflection.v1alpha import reflection
 from redis.exceptions import RedisError
 
 from rlhf.modeling import load_model
-from rlhf.settings import describe
 from rlhf.v1 import feedback_pb2, feedback_pb2_grpc, policy_pb2, policy_pb2_grpc
 from serving.adapters import AdapterManager
 from serving.config import ServingConfig
@@ -177,7 +176,6 @@ async def _phase_shutdown(config: ServingConfig, service: PolicyService, run: Ru
 
 
 async def serve(config: ServingConfig) -> None:
-    log.info("serving config: %s", describe(config))
     service = PolicyService(config)
     feedback = FeedbackService.from_config(config, service) if config.redis_url else None
     stop = asyncio.Event()
