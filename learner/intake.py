@@ -36,12 +36,11 @@ import redis
 from google.protobuf.message import DecodeError
 
 from learner.dataset import SEGMENT_BYTES, ComparisonDataset
-from rlhf.comparisons import GROUP, SCHEMA, STREAM, decode_entry
+from rlhf.comparisons import DEAD_LETTER, GROUP, SCHEMA, STREAM, decode_entry
 from rlhf.v1.feedback_pb2 import Comparison
 
 log = logging.getLogger(__name__)
 
-DEAD_LETTER = STREAM + ":dead"  # malformed entries, with "dead:reason"; never trimmed
 _BASE64 = re.compile(rb"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
 
 Entry = tuple[bytes, dict[bytes, bytes]]

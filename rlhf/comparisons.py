@@ -18,6 +18,7 @@ from rlhf.v1.feedback_pb2 import Comparison
 STREAM = "rlhf:comparisons"
 ID_INDEX = "rlhf:comparison_ids"
 GROUP = "learner"
+DEAD_LETTER = STREAM + ":dead"  # entries the learner could not decode, with "dead:reason"
 SCHEMA = "rlhf.v1.Comparison"
 
 # Check-and-append in one atomic step: a record id already in the index answers with the
