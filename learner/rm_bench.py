@@ -1,0 +1,171 @@
+"""Reward-model bench: ``python -m learner.rm_bench [--hh-limit N] ...`` prints JSON.
+
+(a) Real human preferences: Anthropic HH-RLHF harmless-base test pairs (parsed with
+    ``rlhf.data``; the texts are offensive by design and are never printed), split by line
+    (first ``--hh-train-fraction`` train, rest held out), RM trained for one epoch on the
+    starter model; held-out pair accuracy against chance 0.5.
+(b) K-wise vs pairwise: the same K = 4 synthetic comparisons trained K-wise (each
+    completion forwarded once per step, InstructGPT) and expanded into C(4,2) = 6 shuffled
+    K = 2 pairs (each completion forwarded 3 times, like TRL's RewardTrainer), same model,
+    same number of steps and comparisons per step: seconds per epoch and held-out accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import logging
+import random
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+
+from learner.reward_model import RewardModel, RMConfig, evaluate_rm, train_reward_model
+from rlhf.data import Malformed, pair_record
+from rlhf.modeling import load_model
+from rlhf.starter import ensure_starter_model
+from rlhf.starter_data import make_tasks, render_answer
+from rlhf.v1 import feedback_pb2 as fb
+from rlhf.v1 import policy_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+HH_PATH = "/work/shared/data/hh-rlhf-harmless-base-test.jsonl.gz"
+RUDE = ("Ugh, fine.", "Whatever.", "Stop bothering me.", "Figure it out yourself.")
+
+
+def hh_comparisons(path: str, limit: int) -> tuple[list[fb.Comparison], int]:
+    """(K = 2 comparisons in file order, malformed lines skipped); ``limit`` 0 = all lines."""
+    out, bad = [], 0
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if limit and line_no > limit:
+                break
+            try:
+                out.append(pair_record(line, "hh-rlhf", "base"))
+            except Malformed:
+                bad += 1
+    return out, bad
+
+
+def synthetic_k4(n: int, seed: int) -> list[fb.Comparison]:
+    """K = 4 per starter task: polite correct (1) > terse correct (2) > a plain answer to
+    another task of the same kind (3, wrong) > that wrong answer with a rude opener (4)."""
+    rng = random.Random(seed)
+    tasks = make_tasks(2 * n, seed)
+    out = []
+    for i in range(n):
+        task, other = tasks[2 * i], tasks[2 * i + 1]
+        wrong = render_answer(other, "plain", rng)
+        ranked = [(render_answer(task, "polite", rng), 1), (render_answer(task, "terse", rng), 2),
+                  (wrong, 3), (f"{rng.choice(RUDE)} {wrong}", 4)]
+        rng.shuffle(ranked)
+        record = fb.Comparison(id=f"syn-{seed}-{i:06d}", labeler_id=f"sim-{i % 4}",
+                               messages=[pb.ChatMessage(role="user", content=task.prompt)])
+        for position, (text, rank) in enumerate(ranked):
+            record.candidates.add(text=text, rank=rank, position=position, adapter_version="base")
+        out.append(record)
+    return out
+
+
+def expand_pairs(comparisons: Sequence[fb.Comparison]) -> list[fb.Comparison]:
+    """Every untied pair of every comparison as its own K = 2 comparison (the pairwise form)."""
+    out = []
+    for c in comparisons:
+        cands = list(c.candidates)
+        for i, a in enumerate(cands):
+            for b in cands[i + 1:]:
+                if a.rank == b.rank:
+                    continue
+                win, lose = (a, b) if a.rank < b.rank else (b, a)
+                pair = fb.Comparison(id=f"{c.id}-{len(out):06d}", labeler_id=c.labeler_id,
+                                     messages=c.messages)
+                pair.candidates.add(text=win.text, rank=1, position=0)
+                pair.candidates.add(text=lose.text, rank=2, position=1)
+                out.append(pair)
+    return out
+
+
+def _fresh_rm(model_dir: str, cfg: RMConfig) -> tuple[RewardModel, object]:
+    loaded = load_model(model_dir, device="cpu")
+    torch.manual_seed(cfg.seed)
+    return RewardModel(loaded.model, cfg), loaded.tokenizer
+
+
+def bench_hh(args: argparse.Namespace, model_dir: str) -> dict:
+    data, bad = hh_comparisons(args.hh_path, args.hh_limit)
+    cut = int(len(data) * args.hh_train_fraction)
+    train, test = data[:cut], data[cut:]
+    cfg = RMConfig(lr=args.lr, max_length=args.hh_max_length, seed=args.seed,
+                   comparisons_per_batch=args.batch, threads=args.threads)
+    rm, tok = _fresh_rm(model_dir, cfg)
+    before = evaluate_rm(rm, tok, test, cfg)
+    metrics = train_reward_model(rm, tok, train, cfg)
+    after = evaluate_rm(rm, tok, test, cfg)
+    return {"pairs_read": len(data), "malformed": bad, "train": len(train), "test": len(test),
+            "max_length": cfg.max_length, "lr": cfg.lr, "chance": 0.5,
+            "accuracy_before": before["rm/accuracy"], "accuracy": after["rm/accuracy"],
+            "loss_before": before["rm/loss"], "loss": after["rm/loss"],
+            "train_seconds": round(metrics["rm/train_seconds"], 2)}
+
+
+def bench_kwise_vs_pairwise(args: argparse.Namespace, model_dir: str) -> dict:
+    train = synthetic_k4(args.syn_train, seed=args.seed + 1)
+    test = synthetic_k4(args.syn_test, seed=args.seed + 2)
+    pairs = expand_pairs(train)  # 6 per comparison, shuffled across prompts by the trainer
+    per_prompt = len(pairs) // len(train)
+    results = {}
+    for name, data, per_step in (("kwise", train, args.batch),
+                                 ("pairwise", pairs, args.batch * per_prompt)):
+        cfg = RMConfig(lr=args.lr, max_length=128, seed=args.seed, threads=args.threads,
+                       comparisons_per_batch=per_step)
+        rm, tok = _fresh_rm(model_dir, cfg)
+        metrics = train_reward_model(rm, tok, data, cfg)
+        held = evaluate_rm(rm, tok, test, cfg)
+        results[name] = {"steps": metrics["rm/steps"],
+                         "rows_forwarded": metrics["rm/rows_forwarded"],
+                         "seconds_per_epoch": round(metrics["rm/seconds_per_epoch"], 2),
+                         "heldout_accuracy": held["rm/accuracy"], "heldout_loss": held["rm/loss"]}
+    results["speedup_kwise_over_pairwise"] = round(
+        results["pairwise"]["seconds_per_epoch"] / results["kwise"]["seconds_per_epoch"], 2)
+    results.update({"train_comparisons": len(train), "test_comparisons": len(test), "K": 4})
+    return results
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m learner.rm_bench", description=__doc__)
+    p.add_argument("--model", default="", help="model dir; default: the starter model")
+    p.add_argument("--hh-path", default=HH_PATH)
+    p.add_argument("--hh-limit", type=int, default=0, help="read the first N lines; 0 = all")
+    p.add_argument("--hh-train-fraction", type=float, default=0.8)
+    p.add_argument("--hh-max-length", type=int, default=256)
+    p.add_argument("--syn-train", type=int, default=400)
+    p.add_argument("--syn-test", type=int, default=100)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch", type=int, default=16, help="comparisons per step (K-wise)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--skip", choices=["hh", "kwise"], action="append", default=[])
+    return p.parse_args(list(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    model_dir = args.model or str(ensure_starter_model())
+    start = time.perf_counter()
+    report: dict = {"model": model_dir, "threads": args.threads}
+    if "kwise" not in args.skip:
+        report["kwise_vs_pairwise"] = bench_kwise_vs_pairwise(args, model_dir)
+    if "hh" not in args.skip:
+        report["hh_rlhf_harmless"] = bench_hh(args, model_dir)
+    report["elapsed_s"] = round(time.perf_counter() - start, 1)
+    sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
