@@ -71,6 +71,12 @@ def _data(argv: Sequence[str]) -> int:
     return main(list(argv))
 
 
+def _adapters(argv: Sequence[str]) -> int:
+    from rlhf.adapters_cli import main
+
+    return main(list(argv))
+
+
 def _bench(argv: Sequence[str]) -> int:
     from serving.bench import main
 
@@ -84,7 +90,8 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "starter-model": (_starter, "build (or reuse) the built-in starter model; prints its path"),
     "codegen": (_codegen, "regenerate the Python stubs of proto/"),
     "data": (_data, "export the comparisons stream as JSONL; import chosen/rejected pairs"),
-    "bench": (_bench, "benchmarks that print JSON (rlhf bench serving|feedback)"),
+    "adapters": (_adapters, "list, show, promote or roll back adapter versions (registry)"),
+    "bench": (_bench, "benchmarks that print JSON (rlhf bench serving|feedback|hotswap)"),
 }
 
 

@@ -7,12 +7,15 @@ version (PEFT's mixed-adapter batches). ``BASE`` is the base model with no adapt
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
 from pathlib import Path
 
 import torch
+
+from rlhf.adapter_store import CONFIG_FILE, WEIGHTS_FILE, AdapterRejected
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +31,20 @@ class UnknownAdapter(KeyError):
 class AdapterManager:
     """Versions loaded on the engine's model; thread-safe bookkeeping."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, keep_versions: int = 3) -> None:
         self.model = model
+        self.keep_versions = keep_versions
         self._lock = threading.Lock()
         self._paths: dict[str, Path] = {}
         self._refs: dict[str, int] = {BASE: 0}
         self._current = BASE
         self._active: str | None = None
+        self._known: set[str] = set()
+        # (in_features, out_features) of every Linear of the base model, taken before PEFT
+        # wraps it, so an adapter's shapes can be checked off the engine thread.
+        self._linear_shapes = {name: (m.in_features, m.out_features)
+                               for name, m in model.named_modules()
+                               if hasattr(m, "in_features") and hasattr(m, "out_features")}
 
     @property
     def current(self) -> str:
@@ -44,22 +54,84 @@ class AdapterManager:
         with self._lock:
             return [BASE, *self._paths]
 
+    def known(self) -> set[str]:
+        """Loaded versions plus every version the registry has told us about."""
+        with self._lock:
+            return {BASE, *self._paths, *self._known}
+
+    def note_known(self, versions: list[str]) -> None:
+        with self._lock:
+            self._known.update(versions)
+
+    def check_shapes(self, path: str | Path) -> None:
+        """Raise AdapterRejected unless every LoRA tensor fits its base model module."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        try:
+            json.loads((path / CONFIG_FILE).read_text())
+            with safe_open(str(path / WEIGHTS_FILE), framework="pt") as fh:
+                shapes = {k: fh.get_slice(k).get_shape() for k in fh.keys()}  # noqa: SIM118
+        except (OSError, ValueError) as exc:
+            raise AdapterRejected("load_error", f"{path}: {exc}") from None
+        for key, shape in shapes.items():
+            _check_lora_tensor(key, shape, self._linear_shapes)
+
     def load(self, version: str, path: str | Path) -> None:
-        """Load a PEFT adapter directory as ``version`` (call between forwards)."""
+        """Load a PEFT adapter directory as ``version`` (call between forwards).
+
+        Raises AdapterRejected when the tensors do not fit the model or PEFT refuses it.
+        """
         if not VERSION_RE.match(version) or version == BASE:
             raise ValueError(f"invalid adapter version name {version!r}")
         from peft import PeftModel
 
-        if isinstance(self.model, PeftModel):
-            self.model.load_adapter(str(path), adapter_name=version, is_trainable=False)
-        else:
-            self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=version,
-                                                   is_trainable=False)
+        self.check_shapes(path)
+        try:
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(path), adapter_name=version, is_trainable=False)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(path),
+                                                       adapter_name=version,
+                                                       is_trainable=False)
+        except Exception as exc:
+            self._forget_peft(version)
+            raise AdapterRejected("load_error", f"PEFT could not load {version}: {exc}") \
+                from exc
         self.model.eval()
+        self._active = None  # loading may change PEFT's active adapter: set it again
         with self._lock:
             self._paths[version] = Path(path)
             self._refs[version] = 0
         log.info("loaded adapter %s from %s", version, path)
+
+    def _forget_peft(self, version: str) -> None:
+        peft_config = getattr(self.model, "peft_config", {})
+        if version in peft_config:
+            try:
+                self.model.delete_adapter(version)
+            except Exception:  # a half-loaded adapter; nothing routes to it
+                log.exception("could not remove the half-loaded adapter %s", version)
+        self._active = None
+
+    def unload(self, version: str) -> bool:
+        """Remove ``version`` if no request holds it and it is not current (engine thread)."""
+        with self._lock:
+            if (version == BASE or version == self._current or version not in self._paths
+                    or self._refs.get(version, 0) > 0):
+                return False
+            del self._paths[version], self._refs[version]
+        self.model.delete_adapter(version)
+        self._active = None
+        log.info("unloaded adapter %s", version)
+        return True
+
+    def evict(self) -> list[str]:
+        """Unload free versions beyond the ``keep_versions`` most recently loaded."""
+        with self._lock:
+            names = list(self._paths)  # load order
+        keep = set(names[-self.keep_versions:]) if self.keep_versions > 0 else set()
+        return [v for v in names if v not in keep and self.unload(v)]
 
     def set_current(self, version: str) -> None:
         with self._lock:
@@ -92,3 +164,20 @@ class AdapterManager:
                 self._active = name
             return {}
         return {"adapter_names": [_PEFT_BASE if v == BASE else v for v in versions]}
+
+
+def _check_lora_tensor(key: str, shape: list[int],
+                       linear_shapes: dict[str, tuple[int, int]]) -> None:
+    """``base_model.model.<module>.lora_A.weight`` is [r, in]; ``lora_B`` is [out, r]."""
+    match = re.match(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
+    if match is None:
+        return  # embeddings, biases, modules_to_save: PEFT itself checks those
+    module, which = match.groups()
+    if module not in linear_shapes:
+        raise AdapterRejected("shape", f"{key}: the base model has no module {module!r}")
+    in_features, out_features = linear_shapes[module]
+    got = shape[1] if which == "A" else shape[0]
+    want = in_features if which == "A" else out_features
+    if len(shape) != 2 or got != want:
+        raise AdapterRejected("shape", f"{key} has shape {list(shape)}; {module} needs "
+                              f"{'in' if which == 'A' else 'out'}_features {want}")

@@ -274,7 +274,7 @@ def _targets(levels: list[dict]) -> dict:
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="rlhf bench", description=__doc__.splitlines()[0])
-    p.add_argument("suite", choices=["serving", "feedback"])
+    p.add_argument("suite", choices=["serving", "feedback", "hotswap"])
     p.add_argument("--model", default="", help="model directory or hub id (default: starter)")
     p.add_argument("--concurrency", default="1,8,32",
                    type=lambda s: [int(x) for x in s.split(",") if x])
@@ -302,6 +302,10 @@ def main(argv: list[str]) -> int:
         from serving.feedback_bench import main as feedback_main
 
         return feedback_main(argv[1:])
+    if argv[:1] == ["hotswap"]:  # its own flags: rlhf bench hotswap --help
+        from serving.hotswap_bench import main as hotswap_main
+
+        return hotswap_main(argv[1:])
     args = _parse(argv)
     torch.set_num_threads(args.threads)
     model_dir = resolve_model_name(args.model)

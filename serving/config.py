@@ -39,6 +39,13 @@ class ServingConfig:
 
     redis_url: str = _f("", "Redis holding the comparisons stream, e.g. redis://127.0.0.1:6379/0; "
                         "empty = the Feedback API is off", secret=True)
+    adapter_store: str = _f("", "adapter store directory (STORE/<version>/); with --redis-url "
+                            "this replica follows the registry's current adapter (hot-swap); "
+                            "empty = off")
+    registry_poll_s: float = _f(0.5, "seconds between polls of the adapter registry (besides "
+                                "its notifications)")
+    keep_versions: int = _f(3, "adapter versions kept loaded; older ones are unloaded once no "
+                            "request holds them")
     max_feedback_chars: int = _f(32768, "longest text in a comparison record (each candidate, "
                                  "message, comment, ideal answer)")
 
@@ -52,6 +59,10 @@ class ServingConfig:
             problems.append("max_queue must be >= 1")
         if self.max_feedback_chars < 1:
             problems.append("max_feedback_chars must be >= 1")
+        if self.keep_versions < 1:
+            problems.append("keep_versions must be >= 1")
+        if not self.registry_poll_s > 0:
+            problems.append("registry_poll_s must be > 0")
         if bool(self.tls_cert) != bool(self.tls_key):
             problems.append("tls_cert and tls_key go together")
         if problems:

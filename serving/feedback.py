@@ -239,12 +239,13 @@ class FeedbackService:
 
 
 def loaded_versions(policy: PolicyService) -> Callable[[], set[str]]:
-    """Versions loaded in this process; the hot-swap work extends this to the registry."""
+    """Versions loaded in this process plus every version the adapter registry lists, so a
+    ranking of a version unloaded after a hot-swap is still accepted."""
 
     def known() -> set[str]:
         if policy.adapters is None:
             raise ServiceError(Code.UNAVAILABLE, "the model is still loading, so adapter "
                                f"versions cannot be checked; {NOT_STORED}")
-        return set(policy.adapters.loaded())
+        return policy.adapters.known()
 
     return known

@@ -2,7 +2,8 @@
 
 Phases: (1) listen at once, health NOT_SERVING; (2) load the model in a worker thread and
 start the engine (and, with --redis-url, make sure the comparisons stream's consumer group
-exists), then health SERVING; (3) run until SIGTERM/SIGINT; (4) shut down
+exists; with --adapter-store too, switch to the registry's current adapter and follow it,
+serving/registry.py), then health SERVING; (3) run until SIGTERM/SIGINT; (4) shut down
 gracefully: health NOT_SERVING, refuse new requests, let running streams finish within
 the grace period, stop the engine.
 """
@@ -35,6 +36,7 @@ from serving.feedback import FeedbackService
 from serving.feedback_api import FeedbackServicer, feedback_router
 from serving.grpc_server import BearerAuthInterceptor, PolicyServicer
 from serving.http_api import create_app
+from serving.registry import RegistryFollower
 from serving.service import PolicyService
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,7 @@ class Running:
     health: health.aio.HealthServicer
     health_names: tuple[str, ...] = ("", POLICY_SERVICE)
     feedback: FeedbackService | None = None
+    follower: RegistryFollower | None = None
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -116,7 +119,7 @@ async def _phase_listen(config: ServingConfig, service: PolicyService,
 def _load_engine(config: ServingConfig, service: PolicyService) -> Engine:
     loaded = load_model(config.model, device=config.device, dtype=config.dtype,
                         load_in_4bit=config.load_in_4bit)
-    adapters = AdapterManager(loaded.model)
+    adapters = AdapterManager(loaded.model, keep_versions=config.keep_versions)
     if config.adapter:
         version = config.adapter_version or Path(config.adapter).name
         adapters.load(version, config.adapter)
@@ -144,9 +147,35 @@ async def _prepare_feedback(feedback: FeedbackService | None) -> None:
                     "UNAVAILABLE until it answers", exc)
 
 
+async def _start_follower(config: ServingConfig, service: PolicyService, engine: Engine
+                          ) -> RegistryFollower | None:
+    """With --adapter-store and --redis-url: start on the registry's current adapter, then
+    follow it. A registry that is down is not fatal: the follower keeps retrying."""
+    if not (config.adapter_store and config.redis_url):
+        return None
+    import redis
+
+    adapters = engine.adapters
+    assert service.model is not None
+    follower = RegistryFollower(
+        redis.Redis.from_url(config.redis_url, socket_connect_timeout=2.0,
+                             socket_timeout=max(5.0, 4 * config.registry_poll_s)),
+        config.adapter_store, service.model.name, engine, adapters,
+        poll_s=config.registry_poll_s, metrics_registry=service.metrics.registry,
+        on_change=lambda: service.metrics.set_adapters(adapters.current, adapters.loaded()))
+    try:
+        await asyncio.to_thread(follower.sync)
+    except RedisError as exc:
+        log.warning("adapter registry unreachable at start (%s); following it once it "
+                    "answers", exc)
+    follower.start()
+    return follower
+
+
 async def _phase_load(config: ServingConfig, service: PolicyService, run: Running) -> Engine:
     engine, _ = await asyncio.gather(asyncio.to_thread(_load_engine, config, service),
                                      _prepare_feedback(run.feedback))
+    run.follower = await _start_follower(config, service, engine)
     for name in run.health_names:
         await run.health.set(name, SERVING)
     log.info("serving %s", service.info().base_model)
@@ -157,6 +186,8 @@ async def _phase_shutdown(config: ServingConfig, service: PolicyService, run: Ru
                           engine: Engine | None) -> None:
     """Health NOT_SERVING at once; running and queued requests finish within the grace."""
     await run.health.enter_graceful_shutdown()
+    if run.follower is not None:
+        await asyncio.to_thread(run.follower.stop)
     service.drain()  # /healthz 503, new Generate calls get UNAVAILABLE
     if engine is not None:
         deadline = asyncio.get_running_loop().time() + config.shutdown_grace_s
