@@ -10,20 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import json
 import logging
 import math
 import os
 import platform
-import queue
-import signal
-import subprocess
-import sys
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +24,7 @@ import torch
 
 from rlhf.modeling import LoadedModel, load_model, resolve_model_name
 from rlhf.starter_data import make_tasks
+from serving.benchkit import serve_child, write_report
 
 log = logging.getLogger(__name__)
 
@@ -160,38 +154,6 @@ def _baseline(loaded: LoadedModel, tasks: list, max_new: int, min_new: int,
             "latency_ms": _dist(latencies)}
 
 
-@contextlib.contextmanager
-def _server(model_dir: str, threads: int, timeout: float = 600.0) -> Iterator[int]:
-    """`rlhf serve` as a child process; yields its gRPC port; always stopped afterwards."""
-    cmd = [sys.executable, "-m", "rlhf.cli", "serve", "--model", model_dir, "--threads",
-           str(threads), "--grpc-port", "0", "--http-port", "-1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    lines: queue.Queue[str] = queue.Queue()
-
-    def read() -> None:
-        for line in proc.stdout or ():
-            lines.put(line)
-        lines.put("")  # EOF: the server exited
-
-    try:
-        threading.Thread(target=read, daemon=True).start()
-        event: dict = {}
-        while event.get("event") != "ready":
-            line = lines.get(timeout=timeout)  # queue.Empty: no progress for `timeout` s
-            if not line:
-                raise RuntimeError(f"the server exited early (code {proc.wait()})")
-            event = {**event, **json.loads(line)}
-        yield int(event["grpc_port"])
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 async def _run_levels(gen: GenFn, tasks: list, args: argparse.Namespace) -> list[dict]:
     await _level(gen, tasks, 2, 2, 0)  # warm-up, not recorded
     levels = []
@@ -203,13 +165,13 @@ async def _run_levels(gen: GenFn, tasks: list, args: argparse.Namespace) -> list
     return levels
 
 
-async def _grpc_levels(port: int, tasks: list, args: argparse.Namespace) -> list[dict]:
+async def _grpc_levels(target: str, tasks: list, args: argparse.Namespace) -> list[dict]:
     import grpc
 
     from rlhf.v1 import policy_pb2 as pb
     from rlhf.v1 import policy_pb2_grpc
 
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with grpc.aio.insecure_channel(target) as channel:
         stub = policy_pb2_grpc.PolicyStub(channel)
 
         async def gen(messages: Messages, seed: int) -> AsyncIterator[tuple[str, int]]:
@@ -317,17 +279,13 @@ def main(argv: list[str]) -> int:
     if args.in_process:
         levels = asyncio.run(_engine_levels(loaded, tasks, args))
     else:
-        with _server(model_dir, args.threads) as port:
-            levels = asyncio.run(_grpc_levels(port, tasks, args))
+        with serve_child(model_dir, [], args.threads) as target:
+            levels = asyncio.run(_grpc_levels(target, tasks, args))
     for lv in levels:
         lv["speedup_vs_sequential"] = round(lv["tokens_per_s"] / baseline["tokens_per_s"], 2)
     report = {"benchmark": "serving", "mode": "in-process" if args.in_process else "grpc",
               "config": {k: v for k, v in vars(args).items() if k not in ("suite", "out")},
               **_info(loaded, model_dir, args.threads), "definitions": DEFINITIONS,
               "baseline_sequential": baseline, "levels": levels, "targets": _targets(levels)}
-    text = json.dumps(report, indent=2)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    sys.stdout.write(text + "\n")
+    write_report(report, args.out)
     return 0

@@ -20,13 +20,10 @@ import json
 import logging
 import os
 import platform
-import queue
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections import Counter
@@ -39,6 +36,7 @@ from rlhf.comparisons import ID_INDEX, STREAM
 from rlhf.v1 import feedback_pb2 as fb
 from rlhf.v1 import feedback_pb2_grpc as fbg
 from rlhf.v1 import policy_pb2 as pb
+from serving.benchkit import serve_child, stop_process, write_report
 
 log = logging.getLogger(__name__)
 TARGET_PER_S = 2000.0
@@ -48,16 +46,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @contextlib.contextmanager
@@ -81,34 +69,7 @@ def _redis() -> Iterator[str]:
             yield f"redis://127.0.0.1:{port}/0"
         finally:
             client.close()
-            _stop(proc)
-
-
-@contextlib.contextmanager
-def _server(model_dir: str, redis_url: str, threads: int, timeout: float = 600.0
-            ) -> Iterator[str]:
-    """`rlhf serve --redis-url` as a child; yields its gRPC target once ready."""
-    cmd = [sys.executable, "-m", "rlhf.cli", "serve", "--model", model_dir, "--redis-url",
-           redis_url, "--threads", str(threads), "--grpc-port", "0", "--http-port", "-1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    lines: queue.Queue[str] = queue.Queue()
-
-    def read() -> None:
-        for line in proc.stdout or ():
-            lines.put(line)
-        lines.put("")
-
-    try:
-        threading.Thread(target=read, daemon=True).start()
-        event: dict = {}
-        while event.get("event") != "ready":
-            line = lines.get(timeout=timeout)
-            if not line:
-                raise RuntimeError(f"the server exited early (code {proc.wait()})")
-            event = {**event, **json.loads(line)}
-        yield f"127.0.0.1:{event['grpc_port']}"
-    finally:
-        _stop(proc)
+            stop_process(proc)
 
 
 def comparison(k: int = 4) -> fb.Comparison:
@@ -191,7 +152,7 @@ def _resolve_model(name: str) -> str:
 def run(args: argparse.Namespace) -> dict:
     model = _resolve_model(args.model)
     load_start = os.getloadavg()
-    with _redis() as url, _server(model, url, args.threads) as target:
+    with _redis() as url, serve_child(model, ["--redis-url", url], args.threads) as target:
         r = redis.Redis.from_url(url, decode_responses=True)
         durability = r.config_get("appendonly") | r.config_get("appendfsync")
         before = (r.xlen(STREAM), r.hlen(ID_INDEX))
@@ -234,9 +195,5 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = _parse(argv)
-    text = json.dumps(run(args), indent=2)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    sys.stdout.write(text + "\n")
+    write_report(run(args), args.out)
     return 0

@@ -13,15 +13,9 @@ Prints one JSON document.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import queue
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -32,34 +26,8 @@ from rlhf import adapter_store as store
 from rlhf.modeling import load_model
 from rlhf.v1 import policy_pb2 as pb
 from rlhf.v1 import policy_pb2_grpc as pbg
-from serving.feedback_bench import _pct, _redis, _resolve_model, _stop
-
-
-@contextlib.contextmanager
-def _server(model_dir: str, extra: list[str], threads: int, timeout: float = 600.0
-            ) -> Iterator[str]:
-    """`rlhf serve` as a child with ``extra`` flags; yields its gRPC target once ready."""
-    cmd = [sys.executable, "-m", "rlhf.cli", "serve", "--model", model_dir, "--threads",
-           str(threads), "--grpc-port", "0", "--http-port", "-1", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    lines: queue.Queue[str] = queue.Queue()
-
-    def read() -> None:
-        for line in proc.stdout or ():
-            lines.put(line)
-        lines.put("")
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        event: dict = {}
-        while event.get("event") != "ready":
-            line = lines.get(timeout=timeout)
-            if not line:
-                raise RuntimeError(f"the server exited early (code {proc.wait()})")
-            event = {**event, **json.loads(line)}
-        yield f"127.0.0.1:{event['grpc_port']}"
-    finally:
-        _stop(proc)
+from serving.benchkit import serve_child, write_report
+from serving.feedback_bench import _pct, _redis, _resolve_model
 
 
 class _Publisher:
@@ -137,7 +105,7 @@ def run(args: argparse.Namespace) -> dict:
         publisher.publish()
         extra = ["--redis-url", url, "--adapter-store", tmp,
                  "--registry-poll-s", str(args.poll_s)]
-        with _server(model_dir, extra, args.threads) as target, \
+        with serve_child(model_dir, extra, args.threads) as target, \
                 grpc.insecure_channel(target) as channel:
             stub = pbg.PolicyStub(channel)
             load = _Load(target, args.concurrency, args.max_new_tokens)
@@ -190,8 +158,5 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = _parse(argv)
-    text = json.dumps(run(args), indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    sys.stdout.write(text + "\n")
+    write_report(run(args), args.out)
     return 0
