@@ -1,0 +1,386 @@
+"""LoRA-PPO on one shared base (DESIGN.md §3; InstructGPT, Ouyang et al. 2022 §3.5).
+
+One base in memory: the policy is the frozen base + a trainable "policy" LoRA added beside "rm"
+on the same PeftModel; the reference is the base with adapters disabled, or a frozen adapter
+named ``ref_adapter`` when the run continues from a trained adapter (then "adapter off" is the
+base, not the starting policy: trl#1340); the value function is a Linear(hidden, 1) on the
+policy trunk, initialised from the RM head. One PPO step is four named phases:
+1. ``rollout`` 2. ``score`` 3. ``advantages`` 4. ``update``; ``ppo_step`` chains them.
+Sampling and scoring share temperature, top-p and eval mode (no dropout), else k1 goes
+negative (trl#925/#1005/#1161). Only one adapter is active at a time: every forward here sets
+its own adapter first (``RewardModel.score`` switches to "rm").
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import Tensor, nn
+
+from learner.advantages import gae, kl_penalized_rewards
+from learner.kl_control import AdaptiveKL, FixedKL
+from learner.losses import (
+    entropy_from_logits,
+    explained_variance,
+    masked_whiten,
+    ppo_policy_loss,
+    ptx_loss,
+    value_loss,
+)
+from learner.reward_model import RewardModel
+
+log = logging.getLogger(__name__)
+
+POLICY = "policy"
+Scorer = Callable[[Sequence[str], Sequence[str]], Tensor]
+"""(prompts, response texts) -> scores [B]: a stand-in for the RM (tests, rule rewards)."""
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """LoRA-PPO hyper-parameters; one per learner process (DESIGN §7)."""
+
+    lr: float = _f(1e-4, "Adam learning rate of the policy LoRA and the value head")
+    batch_size: int = _f(16, "episodes (prompts) per ppo_step: pass exactly this many")
+    minibatch_size: int = _f(8, "episodes per optimizer step inside update")
+    ppo_epochs: int = _f(1, "passes over each batch (InstructGPT 1; more diverged in DS-Chat)")
+    clip: float = _f(0.2, "PPO ratio clip epsilon, also used for the value clip")
+    vf_coef: float = _f(0.1, "weight of the value loss in the joint loss")
+    ptx_coef: float = _f(0.0, "gamma_ptx: weight of the pretraining LM loss (paper 27.8)")
+    init_kl_coef: float = _f(0.02, "beta of the per-token KL penalty (InstructGPT 0.02)")
+    target_kl: float | None = _f(None, "per-sequence KL target of the adaptive controller "
+                                 "(Ziegler et al. 2019); None = fixed beta")
+    kl_horizon: int = _f(10000, "adaptive KL horizon in episodes")
+    temperature: float = _f(1.0, "sampling AND scoring temperature (InstructGPT 1.0)")
+    top_p: float = _f(1.0, "nucleus of sampling AND scoring; 1.0 = the full distribution")
+    max_new_tokens: int = _f(32, "response length cap; responses stop at EOS (kept)")
+    lora_rank: int = _f(8, "rank of the policy LoRA (ignored when copying a ref adapter)")
+    seed: int = _f(0, "seed of sampling (step k samples with seed + k)")
+    gamma: float = _f(1.0, "GAE discount (InstructGPT 1.0)")
+    lam: float = _f(0.95, "GAE lambda")
+    max_grad_norm: float = _f(1.0, "gradient clip over the trainable parameters")
+    ptx_max_length: int = _f(128, "tokens per pretraining text")
+
+    def __post_init__(self) -> None:
+        if self.batch_size % self.minibatch_size or self.minibatch_size < 1:
+            raise ValueError("batch_size must be a positive multiple of minibatch_size")
+        if self.temperature <= 0 or not 0.0 < self.top_p <= 1.0:
+            raise ValueError("temperature > 0 and 0 < top_p <= 1 required")
+
+
+@dataclass
+class PPOState:
+    """Everything one PPO run carries across steps (the base lives in ``peft``)."""
+
+    peft: PeftModel
+    tokenizer: object
+    cfg: PPOConfig
+    value_head: nn.Linear
+    optimizer: torch.optim.Optimizer
+    kl_ctl: FixedKL | AdaptiveKL
+    rm: RewardModel | None = None
+    scorer: Scorer | None = None
+    ref_adapter: str | None = None
+    step: int = 0
+
+    def policy_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.peft.named_parameters() if f".{POLICY}." in n]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return self.policy_parameters() + list(self.value_head.parameters())
+
+
+@dataclass
+class Rollout:
+    """query [B, P] left-padded; response [B, T] right-padded after EOS (EOS included)."""
+
+    prompts: list[str]
+    query: Tensor
+    query_mask: Tensor
+    response: Tensor
+    response_mask: Tensor
+    texts: list[str]
+    sample_logprobs: Tensor | None = None  # [B, T] from generate's processed scores
+
+
+@dataclass
+class Scored:
+    """Phase 2 output, all [B, T] except score [B]; detached."""
+
+    logprobs: Tensor
+    ref_logprobs: Tensor
+    values: Tensor
+    score: Tensor
+    entropy: Tensor
+
+
+
+def _add_policy_adapter(base: nn.Module, cfg: PPOConfig, ref_adapter: str | None) -> PeftModel:
+    """Add "policy" to the shared PeftModel; with ``ref_adapter`` it starts as a copy of it."""
+    if ref_adapter is not None:
+        lora = base.peft_config[ref_adapter]
+    else:
+        names = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
+        targets = [t for t in ("q_proj", "k_proj", "v_proj", "o_proj") if t in names] or None
+        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, lora_dropout=0.0,
+                          target_modules=targets, bias="none")
+    if isinstance(base, PeftModel):
+        base.add_adapter(POLICY, lora)
+        peft = base
+    else:
+        base.requires_grad_(False)
+        peft = get_peft_model(base, lora, adapter_name=POLICY)
+    if ref_adapter is not None:
+        params = dict(peft.named_parameters())
+        with torch.no_grad():
+            for name, p in params.items():
+                if f".{POLICY}." in name:
+                    p.copy_(params[name.replace(f".{POLICY}.", f".{ref_adapter}.")])
+    return peft
+
+
+def make_ppo_state(base: nn.Module, tokenizer, cfg: PPOConfig, rm: RewardModel | None = None,
+                   scorer: Scorer | None = None, ref_adapter: str | None = None) -> PPOState:
+    """``base``: a causal LM or the RM's PeftModel (pass ``rm.peft`` to share one base)."""
+    if (rm is None) == (scorer is None):
+        raise ValueError("give exactly one of rm or scorer")
+    peft = _add_policy_adapter(base, cfg, ref_adapter)
+    peft.eval()  # dropout off in sampling, scoring and training alike
+    hidden = peft.get_base_model().config.hidden_size
+    device = next(peft.parameters()).device
+    head = nn.Linear(hidden, 1, device=device)
+    if rm is not None:  # InstructGPT: the value function starts from the RM
+        head.load_state_dict(rm.head.state_dict())
+    kl_ctl = (FixedKL(cfg.init_kl_coef) if cfg.target_kl is None
+              else AdaptiveKL(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon))
+    state = PPOState(peft, tokenizer, cfg, head, None, kl_ctl, rm, scorer, ref_adapter)  # type: ignore[arg-type]
+    _activate(state, POLICY)
+    state.optimizer = torch.optim.Adam(state.trainable_parameters(), lr=cfg.lr, betas=(0.9, 0.95))
+    return state
+
+
+def _activate(state: PPOState, adapter: str) -> None:
+    """Set the active adapter; a PEFT switch may freeze "policy", so it is unfrozen here."""
+    if state.peft.active_adapter != adapter:
+        state.peft.set_adapter(adapter)
+    for p in state.policy_parameters():  # others stay as PEFT left them: never in our graph
+        p.requires_grad_(True)
+
+
+
+def sampling_logits(logits: Tensor, temperature: float, top_p: float) -> Tensor:
+    """The logits generate samples from: divided by temperature, then HF's top-p warper
+    (ascending sort, drop tokens whose cumulative mass <= 1 - top_p, keep >= 1)."""
+    z = logits.float() / temperature
+    if top_p >= 1.0:
+        return z
+    sorted_z, idx = torch.sort(z, dim=-1)
+    drop_sorted = sorted_z.softmax(-1).cumsum(-1) <= 1 - top_p
+    drop_sorted[..., -1] = False
+    drop = drop_sorted.scatter(-1, idx, drop_sorted)
+    return z.masked_fill(drop, float("-inf"))
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, cfg: PPOConfig) -> Tensor:
+    """log pi(token) under the sampling distribution; logits [B, T, V], tokens [B, T].
+    Floored at -1e4: a token outside another model's nucleus stays finite."""
+    logp = sampling_logits(logits, cfg.temperature, cfg.top_p).log_softmax(-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).clamp_min(-1e4)
+
+
+def _forward(state: PPOState, ro: Rollout) -> tuple[Tensor, Tensor]:
+    """Response logits [B, T, V] and hidden states [B, T, H] for the active adapter state."""
+    ids = torch.cat([ro.query, ro.response], 1)
+    mask = torch.cat([ro.query_mask, ro.response_mask], 1)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding keeps real positions
+    lm = state.peft.get_base_model()
+    hidden = lm.base_model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                           use_cache=False).last_hidden_state
+    p, t = ro.query.size(1), ro.response.size(1)
+    h = hidden[:, p - 1:p - 1 + t]  # position p-1+t predicts response token t
+    return lm.lm_head(h), h
+
+
+def _values(state: PPOState, h: Tensor) -> Tensor:
+    return state.value_head(h.to(state.value_head.weight.dtype)).squeeze(-1)
+
+
+
+def _pad(rows: list[list[int]], pad: int, left: bool, device: torch.device
+         ) -> tuple[Tensor, Tensor]:
+    """Token rows -> (ids, mask) [B, W], padded on the left (prompts) or right (text)."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        cols = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, cols], mask[i, cols] = torch.tensor(row, dtype=torch.long), 1
+    return ids.to(device), mask.to(device)
+
+
+def _query_ids(tokenizer, prompt: str) -> list[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                         add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@torch.no_grad()
+def rollout(state: PPOState, prompts: Sequence[str], keep_sample_logprobs: bool = False
+            ) -> Rollout:
+    """Sample one response per prompt with the policy adapter (eval mode, cfg temperature and
+    top-p, top-k off); the response runs up to and including the first EOS."""
+    cfg, tok = state.cfg, state.tokenizer
+    _activate(state, POLICY)
+    pad = tok.pad_token_id
+    query, query_mask = _pad([_query_ids(tok, p) for p in prompts], pad, left=True,
+                             device=state.value_head.weight.device)
+    width = query.size(1)
+    torch.manual_seed(cfg.seed + state.step)
+    out = state.peft.generate(
+        input_ids=query, attention_mask=query_mask, do_sample=True, temperature=cfg.temperature,
+        top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens, pad_token_id=pad,
+        eos_token_id=tok.eos_token_id, return_dict_in_generate=True,
+        output_scores=keep_sample_logprobs)
+    response = out.sequences[:, width:]
+    is_eos = (response == tok.eos_token_id).long()
+    after_eos = is_eos.cumsum(1) - is_eos  # EOS seen strictly before this position
+    response_mask = (after_eos == 0).long()
+    response = response.masked_fill(response_mask == 0, pad)
+    sample_logprobs = None
+    if keep_sample_logprobs:
+        scores = torch.stack(out.scores, 1).float().log_softmax(-1)  # [B, T, V], processed
+        sample_logprobs = scores.gather(-1, response.unsqueeze(-1)).squeeze(-1)
+    texts = tok.batch_decode(response * response_mask, skip_special_tokens=True)
+    return Rollout(list(prompts), query, query_mask, response, response_mask, texts,
+                   sample_logprobs)
+
+
+
+@torch.no_grad()
+def score(state: PPOState, ro: Rollout) -> Scored:
+    """Policy and reference logprobs of the sampled tokens, values, and the RM score, all in
+    the sampling setting (same temperature/top-p, eval mode)."""
+    _activate(state, POLICY)
+    logits, h = _forward(state, ro)
+    logprobs, values = token_logprobs(logits, ro.response, state.cfg), _values(state, h)
+    entropy = entropy_from_logits(sampling_logits(logits, state.cfg.temperature, 1.0),
+                                  ro.response_mask)
+    if state.ref_adapter is None:
+        with state.peft.disable_adapter():
+            ref_logits, _ = _forward(state, ro)
+    else:
+        _activate(state, state.ref_adapter)
+        ref_logits, _ = _forward(state, ro)
+        _activate(state, POLICY)
+    ref_logprobs = token_logprobs(ref_logits, ro.response, state.cfg)
+    if state.rm is not None:  # tokens as sampled (prompt + response + EOS), as the RM trained
+        mask = torch.cat([ro.query_mask, ro.response_mask], 1)
+        rewards = state.rm.score(torch.cat([ro.query, ro.response], 1), mask)
+        _activate(state, POLICY)
+    else:
+        rewards = state.scorer(ro.prompts, ro.texts)  # type: ignore[misc]
+    return Scored(logprobs, ref_logprobs, values, rewards.float().to(values.device), entropy)
+
+
+
+def advantages(state: PPOState, ro: Rollout, sc: Scored) -> tuple[Tensor, Tensor, dict]:
+    """KL-shaped rewards -> GAE -> whitened advantages over response tokens."""
+    rewards, stats = kl_penalized_rewards(sc.score, sc.logprobs, sc.ref_logprobs,
+                                          ro.response_mask, state.kl_ctl.value)
+    adv, returns = gae(rewards, sc.values, ro.response_mask, state.cfg.gamma, state.cfg.lam)
+    stats["reward"] = rewards.sum(1).mean()
+    stats["explained_var"] = explained_variance(sc.values, returns, ro.response_mask)
+    return masked_whiten(adv, ro.response_mask), returns, stats
+
+
+
+def _ptx_batch(state: PPOState, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+    """Pretraining texts -> right-padded (ids, mask) with BOS/EOS, ``ptx_max_length`` long."""
+    tok, n = state.tokenizer, state.cfg.ptx_max_length
+    rows = [([tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"]
+             + [tok.eos_token_id])[:n] for t in texts]
+    return _pad(rows, tok.pad_token_id, left=False, device=state.value_head.weight.device)
+
+
+def ptx_forward(state: PPOState, texts: Sequence[str]) -> tuple[Tensor, dict]:
+    """LM loss of the policy on pretraining text (InstructGPT's ptx term, before gamma_ptx)."""
+    ids, mask = _ptx_batch(state, texts)
+    return ptx_loss(state.peft(input_ids=ids, attention_mask=mask).logits, ids, mask)
+
+
+def _slice(ro: Rollout, idx: Tensor) -> Rollout:
+    return Rollout([ro.prompts[i] for i in idx.tolist()], ro.query[idx], ro.query_mask[idx],
+                   ro.response[idx], ro.response_mask[idx], [ro.texts[i] for i in idx.tolist()])
+
+
+def update(state: PPOState, ro: Rollout, sc: Scored, adv: Tensor, returns: Tensor,
+           ptx_texts: Sequence[str]) -> dict[str, float]:
+    """``ppo_epochs`` passes of minibatches: policy + vf_coef * value + ptx_coef * ptx in ONE
+    optimizer step (InstructGPT accumulates both gradients into the same step)."""
+    cfg, totals, n = state.cfg, {}, 0
+    _activate(state, POLICY)
+    gen = torch.Generator().manual_seed(cfg.seed + state.step)
+    n_mb = ro.response.size(0) // cfg.minibatch_size
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(ro.response.size(0), generator=gen).to(adv.device)
+        for k, idx in enumerate(order.split(cfg.minibatch_size)):
+            mb, m = _slice(ro, idx), ro.response_mask[idx]
+            logits, h = _forward(state, mb)
+            pg, pg_stats = ppo_policy_loss(token_logprobs(logits, mb.response, cfg),
+                                           sc.logprobs[idx], adv[idx], m, cfg.clip)
+            vl, vl_stats = value_loss(_values(state, h), sc.values[idx], returns[idx], m,
+                                      cfg.clip)
+            loss, ptx = pg + cfg.vf_coef * vl, torch.zeros(())
+            texts = list(ptx_texts)[k::n_mb]
+            if cfg.ptx_coef > 0 and texts:
+                ptx, _ = ptx_forward(state, texts)
+                loss = loss + cfg.ptx_coef * ptx
+            state.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(state.trainable_parameters(), cfg.max_grad_norm)
+            state.optimizer.step()
+            for key, v in (("clip_frac", pg_stats["clip_frac"]), ("value_loss", vl_stats["loss"]),
+                           ("approx_kl", pg_stats["approx_kl"]), ("ptx_loss", ptx.detach())):
+                totals[key] = totals.get(key, 0.0) + float(v)
+            n += 1
+    return {f"ppo/{k}": v / max(n, 1) for k, v in totals.items()}
+
+
+
+def ppo_step(state: PPOState, prompts: Sequence[str], ptx_texts: Sequence[str] = ()
+             ) -> dict[str, float]:
+    """Phases 1-4 on ``cfg.batch_size`` prompts; returns namespaced stats."""
+    if len(prompts) != state.cfg.batch_size:
+        raise ValueError(f"expected {state.cfg.batch_size} prompts, got {len(prompts)}")
+    t0 = time.perf_counter()
+    ro = rollout(state, prompts)  # 1
+    t1 = time.perf_counter()
+    sc = score(state, ro)  # 2
+    adv, returns, adv_stats = advantages(state, ro, sc)  # 3
+    t2 = time.perf_counter()
+    beta = state.kl_ctl.value
+    stats = update(state, ro, sc, adv, returns, ptx_texts)  # 4
+    t3 = time.perf_counter()
+    kl = float(adv_stats["kl"])
+    state.kl_ctl.update(kl, len(prompts))
+    state.step += 1
+    m = ro.response_mask
+    stats.update({
+        "ppo/kl": kl, "ppo/kl_k3": float(adv_stats["kl_k3"]),
+        "ppo/reward": float(adv_stats["reward"]), "ppo/score": float(sc.score.mean()),
+        "ppo/entropy": float(sc.entropy), "ppo/explained_var": float(adv_stats["explained_var"]),
+        "ppo/beta": beta, "ppo/response_len": float(m.sum(1).float().mean()),
+        "time/generate_s": t1 - t0, "time/score_s": t2 - t1, "time/train_s": t3 - t2,
+        "ppo/samples_per_s": len(prompts) / (t3 - t0)})
+    log.info("ppo step %d: score %.3f kl %.4f beta %.4f", state.step, stats["ppo/score"], kl,
+             beta)
+    return stats
