@@ -205,6 +205,8 @@ class Engine:
             if self._stopping:
                 raise EngineStopped("the engine is shutting down")
             if len(self._waiting) >= self.max_queue:
+                self._purge_cancelled_waiting()
+            if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting")
             adapter = self.adapters.acquire(adapter_version)
             handle = RequestHandle(request_id, n, prompt_ids, sampling, adapter, seeds, loop,
@@ -212,6 +214,13 @@ class Engine:
             self._waiting.append(handle)
             self._cond.notify_all()
         return handle
+
+    def _purge_cancelled_waiting(self) -> None:
+        """Drop waiting requests whose callers went away (lock held): they hold no slot."""
+        gone = [h for h in self._waiting if h.cancelled]
+        for handle in gone:
+            self._waiting.remove(handle)
+            self._release(handle)
 
     def call_soon(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         """Run ``fn`` on the engine thread between two steps (e.g. an adapter load)."""

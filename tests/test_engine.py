@@ -95,3 +95,33 @@ def test_continuous_batching_matches_one_at_a_time_generate(loaded):
     decode = loaded.tokenizer.decode
     assert texts == [decode(e, skip_special_tokens=True) for e in expected]
     assert engine.steps < 2 * steps  # they shared decode steps (one by one: >= 4 x steps)
+
+
+def test_a_cancelled_waiting_request_frees_its_queue_place(loaded):
+    from serving.engine import QueueFull
+
+    engine = Engine(loaded.tokenizer, adapters=AdapterManager(loaded.model),
+                    eos_token_ids=loaded.eos_token_ids, context_length=loaded.context_length,
+                    max_batch_size=1, max_queue=1, threads=1)
+    engine.start()
+    ids = _prompt(loaded, "hi")
+    long = Sampling(200, min_new_tokens=200)
+
+    async def main() -> str:
+        running = engine.submit("a", ids, 1, long)
+        await running.__aiter__().__anext__()  # "a" holds the only slot
+        queued = engine.submit("b", ids, 1, long)
+        try:
+            engine.submit("c", ids, 1, long)
+            return "accepted while the queue was full"
+        except QueueFull:
+            pass
+        queued.cancel()  # the caller of "b" went away while it waited
+        engine.submit("d", ids, 1, long).cancel()  # accepted: b's place is free again
+        running.cancel()
+        return "ok"
+
+    try:
+        assert asyncio.run(main()) == "ok"
+    finally:
+        engine.stop()
