@@ -77,6 +77,20 @@ def _adapters(argv: Sequence[str]) -> int:
     return main(list(argv))
 
 
+def _learn(argv: Sequence[str]) -> int:
+    from learner.config import ENV_PREFIX, LearnerConfig
+    from learner.main import run
+
+    return run(_config(argv, LearnerConfig, "rlhf learn",
+                       "Run the learner: iterations on demand via its admin API.", ENV_PREFIX))
+
+
+def _learner_client(argv: Sequence[str]) -> int:
+    from learner.main import client_main
+
+    return client_main(argv)
+
+
 def _bench(argv: Sequence[str]) -> int:
     from serving.bench import main
 
@@ -91,6 +105,8 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "codegen": (_codegen, "regenerate the Python stubs of proto/"),
     "data": (_data, "export the comparisons stream as JSONL; import chosen/rejected pairs"),
     "adapters": (_adapters, "list, show, promote or roll back adapter versions (registry)"),
+    "learn": (_learn, "run the learner (RM + PPO iterations) with its admin HTTP API"),
+    "learner": (_learner_client, "trigger / status / history of a running learner (JSON)"),
     "bench": (_bench, "benchmarks that print JSON (rlhf bench serving|feedback|hotswap)"),
 }
 

@@ -1,0 +1,144 @@
+"""The operator's HTTP API of the learner: trigger and watch iterations.
+
+- ``POST /v1/iterations``      start one (409 while one runs) -> {"id": ...}
+- ``GET  /v1/iterations/{id}`` phase, progress, metrics of one
+- ``GET  /v1/iterations``      history (finished ones from Redis, plus the running one)
+- ``GET  /v1/status``          running?, dataset size, current adapter, last iteration
+
+Iterations run in one worker thread (``Runner``), so the API answers while one trains.
+With a token configured every route wants ``Authorization: Bearer <token>`` (else 401).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import threading
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+
+from learner.iteration import Learner, Progress
+from rlhf import adapter_store
+from rlhf.comparisons import STREAM
+
+log = logging.getLogger(__name__)
+
+
+class Busy(RuntimeError):
+    """An iteration is already running."""
+
+
+class Runner:
+    """Starts iterations on a worker thread, one at a time, and remembers this process's."""
+
+    def __init__(self, learner: Learner) -> None:
+        self.learner = learner
+        self.runs: dict[str, Progress] = {}
+        self.current: Progress | None = None
+        self.thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.stream_seen = len(learner.dataset)  # stream length at the last trigger
+
+    @property
+    def running(self) -> bool:
+        return self.current is not None and self.current.status == "running"
+
+    def trigger(self) -> Progress:
+        """Start an iteration now, or raise ``Busy``."""
+        with self._lock:
+            if self.running:
+                raise Busy(f"iteration {self.current.id} is running")  # type: ignore[union-attr]
+            self.stream_seen = int(self.learner.client.xlen(STREAM))
+            progress = Progress(self.learner.new_id())
+            self.runs[progress.id] = self.current = progress
+            self.thread = threading.Thread(target=self._work, args=(progress,),
+                                           name=f"iteration-{progress.id}", daemon=True)
+            self.thread.start()
+            return progress
+
+    def _work(self, progress: Progress) -> None:
+        with contextlib.suppress(Exception):  # run records it (status failed) and logs it
+            self.learner.run(progress)
+
+    def new_comparisons(self) -> int:
+        """Entries added to the stream since the last trigger."""
+        return int(self.learner.client.xlen(STREAM)) - self.stream_seen
+
+    def maybe_auto_trigger(self, after: int) -> Progress | None:
+        if after <= 0 or self.running or self.new_comparisons() < after:
+            return None
+        try:
+            return self.trigger()
+        except Busy:
+            return None
+
+    def get(self, iteration_id: str) -> dict[str, Any] | None:
+        if iteration_id in self.runs:
+            return self.runs[iteration_id].to_dict()
+        return next((r for r in self.learner.history() if r.get("id") == iteration_id), None)
+
+    def history(self) -> list[dict[str, Any]]:
+        done = self.learner.history()
+        if self.running:
+            done.append(self.current.to_dict())  # type: ignore[union-attr]
+        return done
+
+    def status(self) -> dict[str, Any]:
+        history = self.learner.history()
+        return {"running": self.running,
+                "iteration": self.current.to_dict() if self.running else None,  # type: ignore[union-attr]
+                "dataset_size": len(self.learner.dataset),
+                "new_comparisons": self.new_comparisons(),
+                "current_adapter": adapter_store.current(self.learner.client),
+                "base_model": self.learner.loaded.name,
+                "last_iteration": history[-1] if history else None}
+
+    def join(self, timeout: float | None = None) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+
+def _auth(token: str):
+    """A dependency that demands ``Authorization: Bearer <token>`` when a token is set."""
+
+    def check(request: Request) -> None:
+        if not token:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    return check
+
+
+def create_app(runner: Runner, admin_token: str = "") -> FastAPI:
+    app = FastAPI(title="rlhf learner admin", dependencies=[Depends(_auth(admin_token))])
+
+    @app.post("/v1/iterations", status_code=202)
+    def trigger() -> dict[str, Any]:
+        try:
+            progress = runner.trigger()
+        except Busy as exc:
+            raise HTTPException(409, str(exc)) from None
+        return {"id": progress.id, "status": progress.status}
+
+    @app.get("/v1/iterations/{iteration_id}")
+    def get_iteration(iteration_id: str) -> dict[str, Any]:
+        found = runner.get(iteration_id)
+        if found is None:
+            raise HTTPException(404, f"no iteration {iteration_id!r}")
+        return found
+
+    @app.get("/v1/iterations")
+    def history() -> dict[str, Any]:
+        return {"iterations": runner.history()}
+
+    @app.get("/v1/status")
+    def status() -> dict[str, Any]:
+        return runner.status()
+
+    return app

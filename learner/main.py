@@ -1,0 +1,102 @@
+"""The learner process (`rlhf learn`) and its operator client (`rlhf learner ...`).
+
+``run``: config -> load the base model once -> Learner -> admin API (uvicorn) and, when
+``auto_trigger_after`` > 0, a thread that starts an iteration once that many new comparisons
+arrived. Prints one JSON line ``{"event": "listening", "port": N}`` on stdout when the API
+accepts connections (port 0 picks a free one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the client below must start fast: no torch/peft import behind config
+    from learner.config import LearnerConfig
+
+TOKEN_ENV = "RLHF_LEARN_ADMIN_TOKEN"  # the learner's own admin_token variable
+
+log = logging.getLogger(__name__)
+
+
+def _auto_trigger(runner, cfg: LearnerConfig, stop: threading.Event) -> None:
+    while not stop.wait(cfg.auto_poll_s):
+        try:
+            started = runner.maybe_auto_trigger(cfg.auto_trigger_after)
+        except Exception:  # Redis down: try again next poll
+            log.exception("auto trigger check failed")
+            continue
+        if started is not None:
+            log.info("auto-triggered iteration %s", started.id)
+
+
+def run(cfg: LearnerConfig) -> int:
+    import torch
+    import uvicorn
+
+    from learner.admin_api import Runner, create_app
+    from learner.iteration import Learner
+    from rlhf.modeling import load_model
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    loaded = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype,
+                        load_in_4bit=cfg.load_in_4bit)  # the one base model of this process
+    learner = Learner(cfg, loaded)
+    runner = Runner(learner)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((cfg.host, cfg.port))
+    server = uvicorn.Server(uvicorn.Config(create_app(runner, cfg.admin_token),
+                                           log_level="warning"))
+    stop = threading.Event()
+    if cfg.auto_trigger_after > 0:
+        threading.Thread(target=_auto_trigger, args=(runner, cfg, stop), daemon=True).start()
+    sys.stdout.write(json.dumps({"event": "listening", "port": sock.getsockname()[1],
+                                 "base_model": loaded.name}) + "\n")
+    sys.stdout.flush()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        stop.set()
+        runner.join(timeout=5.0)
+        learner.close()
+    return 0
+
+
+# -- `rlhf learner trigger|status|history|show ID` -------------------------------------------
+
+
+def client_main(argv: Sequence[str]) -> int:
+    import httpx
+
+    parser = argparse.ArgumentParser(prog="rlhf learner",
+                                     description="Talk to a running `rlhf learn` admin API.")
+    parser.add_argument("action", choices=["trigger", "status", "history", "show"])
+    parser.add_argument("id", nargs="?", help="iteration id (for show)")
+    parser.add_argument("--url", default=os.environ.get("RLHF_LEARNER_URL",
+                                                        "http://127.0.0.1:8100"),
+                        help="admin API base URL (env RLHF_LEARNER_URL)")
+    parser.add_argument("--token", default=os.environ.get(TOKEN_ENV, ""),
+                        help=f"bearer token (env {TOKEN_ENV})")
+    args = parser.parse_args(list(argv))
+    if args.action == "show" and not args.id:
+        parser.error("show needs an iteration id")
+    method, path = {"trigger": ("POST", "/v1/iterations"), "status": ("GET", "/v1/status"),
+                    "history": ("GET", "/v1/iterations"),
+                    "show": ("GET", f"/v1/iterations/{args.id}")}[args.action]
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    try:
+        reply = httpx.request(method, args.url.rstrip("/") + path, headers=headers, timeout=30)
+    except httpx.HTTPError as exc:
+        sys.stderr.write(f"rlhf learner: {exc}\n")
+        return 1
+    sys.stdout.write(json.dumps(reply.json(), indent=2, sort_keys=True) + "\n")
+    return 0 if reply.is_success else 1
