@@ -4,6 +4,9 @@
 - ``GET  /v1/iterations/{id}`` phase, progress, metrics of one
 - ``GET  /v1/iterations``      history (finished ones from Redis, plus the running one)
 - ``GET  /v1/status``          running?, dataset size, current adapter, last iteration
+- ``GET  /v1/adapters``        registered versions and the current one
+- ``GET  /v1/adapters/{v}``    one version's manifest
+- ``POST /v1/adapters/{v}/promote`` (or ``/rollback``)  make it current on every replica
 
 Iterations run in one worker thread (``Runner``), so the API answers while one trains.
 With a token configured every route wants ``Authorization: Bearer <token>`` (else 401).
@@ -15,6 +18,7 @@ import contextlib
 import hmac
 import logging
 import threading
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -141,4 +145,40 @@ def create_app(runner: Runner, admin_token: str = "") -> FastAPI:
     def status() -> dict[str, Any]:
         return runner.status()
 
+    _adapter_routes(app, runner.learner)
     return app
+
+
+def _adapter_routes(app: FastAPI, learner: Learner) -> None:
+    """The same operations as `rlhf adapters`, for operators who drive the learner's API."""
+    client = learner.client
+
+    @app.get("/v1/adapters")
+    def adapters() -> dict[str, Any]:
+        now = adapter_store.current(client)
+        rows = []
+        for version in adapter_store.list_versions(client):
+            m = adapter_store.get_manifest(client, version)
+            rows.append({"version": version, "current": version == now,
+                         "parent": m.parent if m else None,
+                         "created_at": m.created_at if m else None})
+        return {"current": now, "versions": rows}
+
+    @app.get("/v1/adapters/{version}")
+    def adapter(version: str) -> dict[str, Any]:
+        manifest = adapter_store.get_manifest(client, version)
+        if manifest is None:
+            raise HTTPException(404, f"adapter version {version!r} is not registered")
+        return asdict(manifest)
+
+    def switch(version: str) -> dict[str, Any]:
+        try:
+            previous = adapter_store.switch_current(client, version, learner.cfg.adapter_store)
+        except KeyError:
+            raise HTTPException(404, f"adapter version {version!r} is not registered") from None
+        except adapter_store.AdapterRejected as exc:
+            raise HTTPException(409, f"refusing {version}: {exc}") from None
+        return {"current": version, "previous": previous}
+
+    app.post("/v1/adapters/{version}/promote")(switch)
+    app.post("/v1/adapters/{version}/rollback")(switch)

@@ -214,6 +214,22 @@ def set_current(client: redis.Redis, version: str) -> None:
     _announce(client, "current", version)
 
 
+def switch_current(client: redis.Redis, version: str, store_dir: str | Path = "") -> str | None:
+    """Promote or roll back every replica to ``version``; returns the previous current.
+
+    Raises KeyError when the version is not registered and AdapterRejected when its files
+    in ``store_dir`` (checked when given) fail verification, so no replica is sent to it.
+    """
+    manifest = get_manifest(client, version)
+    if manifest is None and version != "base":
+        raise KeyError(f"adapter version {version!r} is not registered")
+    if store_dir and manifest is not None:
+        verify(store_dir, version, manifest.base_model)
+    previous = current(client)
+    set_current(client, version)
+    return previous
+
+
 def current(client: redis.Redis) -> str | None:
     return _text(client.get(CURRENT))
 

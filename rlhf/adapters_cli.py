@@ -43,18 +43,14 @@ def _print(obj: object) -> None:
 
 
 def _switch(client: redis.Redis, version: str, store_dir: str) -> int:
-    manifest = store.get_manifest(client, version)
-    if manifest is None and version != "base":
+    try:
+        previous = store.switch_current(client, version, store_dir)
+    except KeyError:
         sys.stderr.write(f"rlhf adapters: {version!r} is not registered\n")
         return 1
-    if store_dir and manifest is not None:
-        try:
-            store.verify(store_dir, version, manifest.base_model)
-        except store.AdapterRejected as exc:
-            sys.stderr.write(f"rlhf adapters: refusing {version}: {exc}\n")
-            return 1
-    previous = store.current(client)
-    store.set_current(client, version)
+    except store.AdapterRejected as exc:
+        sys.stderr.write(f"rlhf adapters: refusing {version}: {exc}\n")
+        return 1
     _print({"current": version, "previous": previous})
     return 0
 

@@ -179,6 +179,29 @@ def test_two_iterations_publish_v1_then_v2(env, tiny_model_dir: Path):
     assert runner.new_comparisons() == 0
 
 
+def test_admin_api_lists_shows_and_rolls_back_adapters(env):
+    """After the iterations above (v1..v3): the operator's adapter routes."""
+    http, client, cfg = env["http"], env["client"], env["cfg"]
+    listing = http.get("/v1/adapters", headers=AUTH).json()
+    assert [v["version"] for v in listing["versions"]] == ["v1", "v2", "v3"]
+    assert listing["current"] == "v3"
+    shown = http.get("/v1/adapters/v2", headers=AUTH).json()
+    assert shown["version"] == "v2" and shown["parent"] == "v1" and shown["files"]
+    assert http.get("/v1/adapters/v9", headers=AUTH).status_code == 404
+
+    reply = http.post("/v1/adapters/v1/rollback", headers=AUTH)
+    assert reply.json() == {"current": "v1", "previous": "v3"}
+    assert adapter_store.current(client) == "v1"
+    assert http.post("/v1/adapters/v9/promote", headers=AUTH).status_code == 404
+
+    weights = Path(cfg.adapter_store) / "v2" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"corrupt!")  # checksum now fails
+    refused = http.post("/v1/adapters/v2/promote", headers=AUTH)
+    assert refused.status_code == 409 and "checksum" in refused.json()["detail"]
+    assert adapter_store.current(client) == "v1"  # nobody was sent to the bad version
+    assert http.post("/v1/adapters/v3/promote", headers=AUTH).json()["current"] == "v3"
+
+
 def rlhf(*args: str, env: dict | None = None) -> tuple[int, dict]:
     proc = subprocess.run([sys.executable, "-m", "rlhf.cli", *args], cwd=ROOT, text=True,
                           capture_output=True, timeout=60, env={**os.environ, **(env or {})})
