@@ -8,16 +8,13 @@ defaults).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from learner.ppo import PPOConfig
 from learner.reward_model import RMConfig
+from rlhf.settings import setting as _f
 
 ENV_PREFIX = "RLHF_LEARN_"
-
-
-def _f(default, help: str, **meta):
-    return field(default=default, metadata={"help": help, **meta})
 
 
 @dataclass(frozen=True)

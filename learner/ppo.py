@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -33,16 +33,13 @@ from learner.losses import (
     value_loss,
 )
 from learner.reward_model import RewardModel
+from rlhf.settings import setting as _f
 
 log = logging.getLogger(__name__)
 
 POLICY = "policy"
 Scorer = Callable[[Sequence[str], Sequence[str]], Tensor]
 """(prompts, response texts) -> scores [B]: a stand-in for the RM (tests, rule rewards)."""
-
-
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
@@ -123,7 +120,6 @@ class Scored:
     entropy: Tensor
 
 
-
 def _add_policy_adapter(base: nn.Module, cfg: PPOConfig, ref_adapter: str | None) -> PeftModel:
     """Add "policy" to the shared PeftModel; with ``ref_adapter`` it starts as a copy of it."""
     if ref_adapter is not None:
@@ -176,7 +172,6 @@ def _activate(state: PPOState, adapter: str) -> None:
         p.requires_grad_(True)
 
 
-
 def sampling_logits(logits: Tensor, temperature: float, top_p: float) -> Tensor:
     """The logits generate samples from: divided by temperature, then HF's top-p warper
     (ascending sort, drop tokens whose cumulative mass <= 1 - top_p, keep >= 1)."""
@@ -212,7 +207,6 @@ def _forward(state: PPOState, ro: Rollout) -> tuple[Tensor, Tensor]:
 
 def _values(state: PPOState, h: Tensor) -> Tensor:
     return state.value_head(h.to(state.value_head.weight.dtype)).squeeze(-1)
-
 
 
 def _pad(rows: list[list[int]], pad: int, left: bool, device: torch.device
@@ -264,7 +258,6 @@ def rollout(state: PPOState, prompts: Sequence[str], keep_sample_logprobs: bool 
                    sample_logprobs)
 
 
-
 @torch.no_grad()
 def score(state: PPOState, ro: Rollout) -> Scored:
     """Policy and reference logprobs of the sampled tokens, values, and the RM score, all in
@@ -291,7 +284,6 @@ def score(state: PPOState, ro: Rollout) -> Scored:
     return Scored(logprobs, ref_logprobs, values, rewards.float().to(values.device), entropy)
 
 
-
 def advantages(state: PPOState, ro: Rollout, sc: Scored) -> tuple[Tensor, Tensor, dict]:
     """KL-shaped rewards -> GAE -> whitened advantages over response tokens."""
     rewards, stats = kl_penalized_rewards(sc.score, sc.logprobs, sc.ref_logprobs,
@@ -300,7 +292,6 @@ def advantages(state: PPOState, ro: Rollout, sc: Scored) -> tuple[Tensor, Tensor
     stats["reward"] = rewards.sum(1).mean()
     stats["explained_var"] = explained_variance(sc.values, returns, ro.response_mask)
     return masked_whiten(adv, ro.response_mask), returns, stats
-
 
 
 def _ptx_batch(state: PPOState, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
@@ -353,7 +344,6 @@ def update(state: PPOState, ro: Rollout, sc: Scored, adv: Tensor, returns: Tenso
                 totals[key] = totals.get(key, 0.0) + float(v)
             n += 1
     return {f"ppo/{k}": v / max(n, 1) for k, v in totals.items()}
-
 
 
 def ppo_step(state: PPOState, prompts: Sequence[str], ptx_texts: Sequence[str] = ()

@@ -22,22 +22,19 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 
 from learner.losses import kwise_rm_loss
+from rlhf.settings import setting as _f
 from rlhf.v1.feedback_pb2 import Comparison
 
 log = logging.getLogger(__name__)
 
 ADAPTER = "rm"
-
-
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,11 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
+def setting(default: Any, help: str, **meta: Any) -> Any:
+    """A config field carrying its help text (and flags such as ``secret=True``)."""
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
 def _base_type(tp: Any) -> tuple[type, bool]:
     """(scalar type, optional?) of a field annotation such as ``int | None``."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-
-def _f(default, help: str, **meta):
-    return field(default=default, metadata={"help": help, **meta})
+from rlhf.settings import setting as _f
 
 
 @dataclass(frozen=True)

@@ -223,7 +223,7 @@ class FeedbackService:
 
     @classmethod
     def from_config(cls, config: ServingConfig, policy: PolicyService) -> FeedbackService:
-        return cls(ComparisonStore.from_url(config.redis_url), loaded_versions(policy),
+        return cls(ComparisonStore.from_url(config.redis_url), known_versions(policy),
                    Limits(max_chars=config.max_feedback_chars))
 
     async def submit(self, comparison: Comparison) -> SubmitResult:
@@ -238,7 +238,7 @@ class FeedbackService:
         return result
 
 
-def loaded_versions(policy: PolicyService) -> Callable[[], set[str]]:
+def known_versions(policy: PolicyService) -> Callable[[], set[str]]:
     """Versions loaded in this process plus every version the adapter registry lists, so a
     ranking of a version unloaded after a hot-swap is still accepted."""
 
