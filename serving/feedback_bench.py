@@ -15,61 +15,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import platform
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 
 import grpc
 import redis
 
 from rlhf.comparisons import ID_INDEX, STREAM
+from rlhf.local_redis import private_redis
 from rlhf.v1 import feedback_pb2 as fb
 from rlhf.v1 import feedback_pb2_grpc as fbg
 from rlhf.v1 import policy_pb2 as pb
-from serving.benchkit import serve_child, stop_process, write_report
+from serving.benchkit import serve_child, write_report
 
 log = logging.getLogger(__name__)
 TARGET_PER_S = 2000.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _redis() -> Iterator[str]:
-    """A private redis-server with deploy/redis.conf's durability; yields its URL."""
-    port = _free_port()
-    with tempfile.TemporaryDirectory(prefix="rlhf-bench-redis-") as data_dir:
-        proc = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", data_dir,
-             "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=port, socket_connect_timeout=0.2)
-        try:
-            for _ in range(200):
-                with contextlib.suppress(redis.RedisError):
-                    if client.ping():
-                        break
-                time.sleep(0.05)
-            else:
-                raise RuntimeError(f"redis-server on port {port} did not answer PING")
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            client.close()
-            stop_process(proc)
 
 
 def comparison(k: int = 4) -> fb.Comparison:
@@ -152,7 +119,8 @@ def _resolve_model(name: str) -> str:
 def run(args: argparse.Namespace) -> dict:
     model = _resolve_model(args.model)
     load_start = os.getloadavg()
-    with _redis() as url, serve_child(model, ["--redis-url", url], args.threads) as target:
+    with (private_redis("rlhf-bench-redis-") as url,
+          serve_child(model, ["--redis-url", url], args.threads) as target):
         r = redis.Redis.from_url(url, decode_responses=True)
         durability = r.config_get("appendonly") | r.config_get("appendfsync")
         before = (r.xlen(STREAM), r.hlen(ID_INDEX))

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from rlhf.local_redis import RedisServer  # the tests import it from here too
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -86,60 +88,6 @@ def server(tiny_model_dir: Path) -> Iterator[ServerProcess]:
     proc = ServerProcess(tiny_model_dir)
     yield proc
     proc.stop()
-
-
-class RedisServer:
-    """A private `redis-server` (AOF on, no RDB) on a free port; stop/start keep its data."""
-
-    def __init__(self, data_dir: Path, binary: str = "redis-server") -> None:
-        import socket
-
-        self.data_dir, self.binary = data_dir, binary
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, timeout: float = 10.0) -> None:
-        import redis
-
-        cmd = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-               "--appendonly", "yes", "--dir", str(self.data_dir)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + timeout
-        try:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    break
-                try:
-                    if client.ping():
-                        return
-                except redis.RedisError:
-                    time.sleep(0.05)
-        finally:
-            client.close()
-        self.stop()
-        raise RuntimeError(f"redis-server on port {self.port} did not answer PING")
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM: Redis fsyncs the AOF and exits; a restart reloads everything."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
 
 @pytest.fixture(scope="session")
