@@ -4,6 +4,9 @@
 - ``GET  /v1/iterations/{id}`` phase, progress, metrics of one
 - ``GET  /v1/iterations``      history (finished ones from Redis, plus the running one)
 - ``GET  /v1/status``          running?, dataset size, current adapter, last iteration
+- ``GET  /v1/dashboard``       what the operator dashboard shows (learner.dashboard): metrics
+                               per iteration, queue depth, comparisons per labeler, adapter
+                               versions; 503 while Redis is unreachable
 - ``GET  /v1/adapters``        registered versions and the current one
 - ``GET  /v1/adapters/{v}``    one version's manifest
 - ``POST /v1/adapters/{v}/promote`` (or ``/rollback``)  make it current on every replica
@@ -21,8 +24,10 @@ import threading
 from dataclasses import asdict
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+import redis
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 
+from learner.dashboard import Dashboard
 from learner.iteration import Learner, Progress
 from rlhf import adapter_store
 from rlhf.comparisons import STREAM
@@ -99,6 +104,13 @@ class Runner:
                 "base_model": self.learner.loaded.name,
                 "last_iteration": history[-1] if history else None}
 
+    def dashboard(self, board: Dashboard, limit: int) -> dict[str, Any]:
+        running = self.current.to_dict() if self.running else None  # type: ignore[union-attr]
+        history = self.learner.history()  # read after: a run that just ended is in here
+        if running is not None and any(h.get("id") == running["id"] for h in history):
+            running = None
+        return board.snapshot(history, running, limit)
+
     def join(self, timeout: float | None = None) -> None:
         if self.thread is not None:
             self.thread.join(timeout)
@@ -144,6 +156,15 @@ def create_app(runner: Runner, admin_token: str = "") -> FastAPI:
     @app.get("/v1/status")
     def status() -> dict[str, Any]:
         return runner.status()
+
+    board = Dashboard(runner.learner.client, runner.learner.dataset)
+
+    @app.get("/v1/dashboard")
+    def dashboard(limit: int = Query(100, ge=1, le=10_000)) -> dict[str, Any]:
+        try:
+            return runner.dashboard(board, limit)
+        except redis.RedisError as exc:
+            raise HTTPException(503, f"Redis is unreachable: {exc}") from None
 
     _adapter_routes(app, runner.learner)
     return app

@@ -5,6 +5,7 @@ One turn: the labeler sends a message, K alternatives stream in side by side (sh
 no model identity), the rank controls open once all K finished, Submit stores the
 Comparison through Feedback.Submit and the chat continues from the top-ranked answer.
 A ranking that could not be stored is kept and Retry resends the very same record.
+The Dashboard tab (ui.dashboard) shows the learner's state and lets operators trigger.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from rlhf.v1 import feedback_pb2 as fb
 from rlhf.v1 import policy_pb2 as pb
 from ui.client import ServingClient, ServingError
 from ui.config import UIConfig
+from ui.dashboard import DashboardTab
 from ui.logic import (
     FLAG_LABELS,
     Alternative,
@@ -191,59 +193,72 @@ class RankingApp:
                 self.status: "New conversation."}
 
     # --- layout --------------------------------------------------------------------
-    def build(self) -> gr.Blocks:
-        k = self.k
+    def build(self, dashboard: DashboardTab | None = None) -> gr.Blocks:
         with gr.Blocks(title="RLHF ranking") as demo:
             self.header = gr.Markdown("**Serving adapter:** …", elem_id="header")
-            self.state = gr.State(_new_session())
-            self.chat = gr.Chatbot(label="Conversation", elem_id="chat", height=300)
-            with gr.Row():
-                self.msg = gr.Textbox(label="Your message", elem_id="msg", scale=5)
-                send_btn = gr.Button("Send", variant="primary", elem_id="send", scale=1)
-            self.cands, self.ranks, self.flags = [], [], []
-            with gr.Row(equal_height=False):
-                for pos in range(k):
-                    with gr.Column(min_width=160):
-                        self.cands.append(gr.Textbox(label=f"Answer {pos + 1}", lines=6,
-                                                     interactive=False, elem_id=f"cand-{pos}"))
-                        self.ranks.append(gr.Radio([str(r) for r in range(1, k + 1)],
-                                                   label="Rank (1 = best)", interactive=False,
-                                                   elem_id=f"rank-{pos}"))
-                        self.flags.append(gr.CheckboxGroup(list(FLAG_LABELS), label="Flags",
-                                                           interactive=False,
-                                                           elem_id=f"flags-{pos}"))
-            with gr.Row():
-                self.comment = gr.Textbox(label="Comment (optional)", elem_id="comment")
-                self.ideal = gr.Textbox(label="Write a better answer (optional)", lines=3,
-                                        elem_id="ideal")
-            with gr.Row():
-                self.submit_btn = gr.Button("Submit ranking", variant="primary",
-                                            interactive=False, elem_id="submit")
-                self.retry_btn = gr.Button("Retry", visible=False, elem_id="retry")
-                skip_btn = gr.Button("Skip", elem_id="skip")
-                new_btn = gr.Button("New conversation", elem_id="new")
-            self.status = gr.Markdown("", elem_id="status")
-
-            everything = [self.state, self.header, self.chat, self.msg, self.status,
-                          self.submit_btn, self.retry_btn, self.comment, self.ideal,
-                          *self.cands, *self.ranks, *self.flags]
-            demo.load(self.load, None, self.header)
-            sending = [send_btn.click(self.send, [self.state, self.msg], everything),
-                       self.msg.submit(self.send, [self.state, self.msg], everything)]
-            self.submit_btn.click(self.submit, [self.state, *self.ranks, *self.flags,
-                                                self.comment, self.ideal], everything)
-            self.retry_btn.click(self.retry, [self.state], everything)
-            # Skip / New conversation also stop a turn that is still streaming.
-            skip_btn.click(self.skip, [self.state], everything, cancels=sending)
-            new_btn.click(self.new_conversation, [self.state], everything, cancels=sending)
+            with gr.Tab("Rank", id="rank"):
+                self._layout()
+            if dashboard is not None:
+                with gr.Tab("Dashboard", id="dashboard", elem_id="dashboard-tab") as tab:
+                    dashboard.build(tab)
+            self._wire(demo)
         return demo
 
+    def _layout(self) -> None:
+        """The ranking tab: chat, K answers with rank radios and flags, submit."""
+        k = self.k
+        self.state = gr.State(_new_session())
+        self.chat = gr.Chatbot(label="Conversation", elem_id="chat", height=300)
+        with gr.Row():
+            self.msg = gr.Textbox(label="Your message", elem_id="msg", scale=5)
+            self.send_btn = gr.Button("Send", variant="primary", elem_id="send", scale=1)
+        self.cands, self.ranks, self.flags = [], [], []
+        with gr.Row(equal_height=False):
+            for pos in range(k):
+                with gr.Column(min_width=160):
+                    self.cands.append(gr.Textbox(label=f"Answer {pos + 1}", lines=6,
+                                                 interactive=False, elem_id=f"cand-{pos}"))
+                    self.ranks.append(gr.Radio([str(r) for r in range(1, k + 1)],
+                                               label="Rank (1 = best)", interactive=False,
+                                               elem_id=f"rank-{pos}"))
+                    self.flags.append(gr.CheckboxGroup(list(FLAG_LABELS), label="Flags",
+                                                       interactive=False,
+                                                       elem_id=f"flags-{pos}"))
+        with gr.Row():
+            self.comment = gr.Textbox(label="Comment (optional)", elem_id="comment")
+            self.ideal = gr.Textbox(label="Write a better answer (optional)", lines=3,
+                                    elem_id="ideal")
+        with gr.Row():
+            self.submit_btn = gr.Button("Submit ranking", variant="primary",
+                                        interactive=False, elem_id="submit")
+            self.retry_btn = gr.Button("Retry", visible=False, elem_id="retry")
+            self.skip_btn = gr.Button("Skip", elem_id="skip")
+            self.new_btn = gr.Button("New conversation", elem_id="new")
+        self.status = gr.Markdown("", elem_id="status")
 
-def build_app(config: UIConfig, client: ServingClient | None = None) -> gr.Blocks:
-    """The Gradio Blocks app; ``client`` defaults to one for ``config.policy_target``."""
+    def _wire(self, demo: gr.Blocks) -> None:
+        """Events of the ranking tab."""
+        everything = [self.state, self.header, self.chat, self.msg, self.status,
+                      self.submit_btn, self.retry_btn, self.comment, self.ideal,
+                      *self.cands, *self.ranks, *self.flags]
+        demo.load(self.load, None, self.header)
+        sending = [self.send_btn.click(self.send, [self.state, self.msg], everything),
+                   self.msg.submit(self.send, [self.state, self.msg], everything)]
+        self.submit_btn.click(self.submit, [self.state, *self.ranks, *self.flags,
+                                            self.comment, self.ideal], everything)
+        self.retry_btn.click(self.retry, [self.state], everything)
+        # Skip / New conversation also stop a turn that is still streaming.
+        self.skip_btn.click(self.skip, [self.state], everything, cancels=sending)
+        self.new_btn.click(self.new_conversation, [self.state], everything, cancels=sending)
+
+
+def build_app(config: UIConfig, client: ServingClient | None = None,
+              dashboard: DashboardTab | None = None) -> gr.Blocks:
+    """The Gradio Blocks app: the Rank tab and the Dashboard tab (the learner's admin API
+    at ``config.learner_url``); ``client`` defaults to one for ``config.policy_target``."""
     client = client or ServingClient(config.policy_target, config.auth_token,
                                      config.rpc_timeout_s)
-    return RankingApp(config, client).build()
+    return RankingApp(config, client).build(dashboard or DashboardTab(config))
 
 
 def main(config: UIConfig) -> int:
@@ -253,8 +268,10 @@ def main(config: UIConfig) -> int:
         raise SystemExit("rlhf ui: labeler accounts are required (--users 'alice:pw,...' or "
                          "a file of user:password lines; env RLHF_UI_USERS)")
     demo = build_app(config)
-    log.info("ranking UI on http://%s:%d (serving at %s, K=%d, %d labeler account(s))",
-             config.host, config.port, config.policy_target, config.k, len(accounts))
+    log.info("ranking UI on http://%s:%d (serving at %s, K=%d, %d labeler account(s), "
+             "learner at %s, %d operator(s))", config.host, config.port,
+             config.policy_target, config.k, len(accounts), config.learner_url,
+             len(config.operator_ids()))
     demo.queue(default_concurrency_limit=16)
     demo.launch(server_name=config.host, server_port=config.port, auth=accounts,
                 auth_message="Log in with your labeler account.", show_error=True,

@@ -26,6 +26,14 @@ class UIConfig:
     users: str = _f("", "labeler accounts: 'alice:pw1,bob:pw2' or a file of user:password lines",
                     secret=True)
     rpc_timeout_s: float = _f(120.0, "deadline of each call to serving, seconds")
+    learner_url: str = _f("http://127.0.0.1:8100", "admin API of `rlhf learn` that the "
+                          "Dashboard tab reads")
+    learner_token: str = _f("", "bearer token of the learner's admin API; empty = none",
+                            secret=True)
+    operators: str = _f("", "labeler ids allowed to trigger iterations from the Dashboard: "
+                        "'alice,bob' (everyone else sees it read-only)")
+    dashboard_refresh_s: float = _f(2.0, "seconds between Dashboard refreshes while an "
+                                    "iteration runs")
 
     def __post_init__(self) -> None:
         problems = []
@@ -41,8 +49,14 @@ class UIConfig:
             problems.append("top_p must be in (0, 1]")
         if self.rpc_timeout_s <= 0:
             problems.append("rpc_timeout_s must be > 0")
+        if self.dashboard_refresh_s <= 0:
+            problems.append("dashboard_refresh_s must be > 0")
         if problems:
             raise ValueError("invalid ui config: " + "; ".join(problems))
+
+    def operator_ids(self) -> frozenset[str]:
+        """The labeler ids that may trigger iterations."""
+        return frozenset(u.strip() for u in self.operators.split(",") if u.strip())
 
     def accounts(self) -> list[tuple[str, str]]:
         """The labeler accounts as (user, password) pairs, from the inline list or a file."""
