@@ -30,8 +30,9 @@ class LearnerConfig:
 
     redis_url: str = _f("redis://127.0.0.1:6379/0", "Redis holding the comparisons stream and "
                         "the adapter registry", secret=True)
-    data_dir: str = _f("learner-data", "durable dataset (comparisons/) and iteration records "
-                       "(iterations/)")
+    data_dir: str = _f("learner-data", "durable dataset (comparisons/), iteration records "
+                       "(iterations/) and the policy checkpoint a restart continues from "
+                       "(checkpoint/)")
     adapter_store: str = _f("adapter-store", "adapter store directory (STORE/<version>/) the "
                             "serving replicas read")
     consumer: str = _f("", "consumer name in the learner group; empty = learner-<hostname>")
@@ -42,6 +43,8 @@ class LearnerConfig:
     auto_trigger_after: int = _f(0, "start an iteration once this many new comparisons are in "
                                  "the stream; 0 = only on request")
     auto_poll_s: float = _f(5.0, "seconds between checks for --auto-trigger-after")
+    progress_bars: bool = _f(True, "tqdm bars on stderr for the RM and PPO phases (shown only "
+                             "when stderr is a terminal)")
 
     prompts_per_iteration: int = _f(64, "most recent distinct user turns PPO samples from")
     eval_prompts: int = _f(8, "held-out prompts for the evaluate phase")

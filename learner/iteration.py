@@ -12,12 +12,17 @@
 
 ``Learner`` holds what lives for the whole process: the one base model (loaded once), the
 dataset, the RM and the PPO state, so the policy adapter carries over between iterations.
-It is NOT persisted across restarts: a new process starts again from the base policy.
+Across restarts (DESIGN.md §5): publish saves a checkpoint (learner/checkpoint.py: policy
+LoRA, value head, Adam, KL controller, PPO step) before registering the version, and a new
+``Learner`` continues from it with parent = that version; the reference stays the base with
+adapters off. Records left "running" by a killed process become "interrupted"; such an
+iteration is not resumed (its RM and PPO progress lived in memory only): the next trigger
+runs a new one from the last checkpoint. A kill between checkpoint and registration is
+finished at startup (the version is registered then), so checkpoint and registry agree.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import socket
@@ -25,27 +30,24 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import redis
 import torch
+from tqdm import tqdm
 
+from learner import checkpoint, records
 from learner.config import LearnerConfig
 from learner.dataset import ComparisonDataset
 from learner.intake import Intake
 from learner.ppo import POLICY, PPOState, make_ppo_state, ppo_step, ptx_forward, rollout
 from learner.ppo import score as ppo_score
-from learner.reward_model import (
-    Encoded,
-    RewardModel,
-    collate,
-    encode_sample,
-    fit_reward_model,
-    prompt_ids,
-    split_by_labeler,
-)
+from learner.records import HISTORY, PHASES, RECORDS, SEQ, Progress, pause_for_tests
+from learner.reward_model import RewardModel, fit_reward_model, split_by_labeler
+from learner.samples import reference_samples, rm_scores
 from rlhf import adapter_store, settings
 from rlhf.modeling import LoadedModel
 from rlhf.starter_data import pretraining_corpus
@@ -53,36 +55,8 @@ from rlhf.v1.feedback_pb2 import Comparison
 
 log = logging.getLogger(__name__)
 
-PHASES = ("drain", "reward_model", "ppo", "evaluate", "publish", "record")
-HISTORY = "rlhf:learner:history"  # list of iteration ids, oldest first
-RECORDS = "rlhf:learner:iterations"  # hash: iteration id -> record JSON
-SEQ = "rlhf:learner:iteration_seq"
-
-
-@dataclass
-class Progress:
-    """What an operator sees of one iteration; mutated only by the worker thread."""
-
-    id: str
-    status: str = "running"  # running | done | failed
-    phase: str = "pending"
-    phase_number: int = 0
-    phases: int = len(PHASES)
-    step: int = 0  # within the phase (PPO steps)
-    steps: int = 0
-    started_at: float = field(default_factory=time.time)
-    finished_at: float | None = None
-    error: str | None = None
-    version: str | None = None
-    seconds: dict[str, float] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A snapshot; safe while the worker updates (dict() copies atomically under the GIL,
-        where ``asdict`` would iterate a dict that may change size)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["metrics"], out["seconds"] = dict(self.metrics), dict(self.seconds)
-        return out
+__all__ = ["HISTORY", "PHASES", "RECORDS", "SEQ", "Learner", "Progress"]  # records re-exported
+CHECKPOINT = "checkpoint"  # DATA/checkpoint/: what a restart continues from
 
 
 @dataclass
@@ -117,15 +91,49 @@ class Learner:
         self.client = client or redis.Redis.from_url(cfg.redis_url, socket_connect_timeout=5.0)
         self.data_dir = Path(cfg.data_dir)
         self.dataset = ComparisonDataset(self.data_dir / "comparisons")
-        consumer = cfg.consumer or f"learner-{socket.gethostname()}"
-        self.intake = Intake(cfg.redis_url, self.dataset, consumer)
+        self.name = cfg.consumer or f"learner-{socket.gethostname()}"
+        self.intake = Intake(cfg.redis_url, self.dataset, self.name)
         torch.manual_seed(cfg.seed)
         self.rm = RewardModel(loaded.model, self.rm_cfg)  # the one base, wrapped once
         # Retraining "on all data" starts from the same init each time (not from last time).
         self._rm_init = [p.detach().clone() for p in self._rm_tensors()]
         self.ppo: PPOState | None = None  # made after the first RM fit (value head <- RM)
-        self.parent: str | None = None  # the version this process published last
+        self.parent: str | None = None  # the version the policy was last published as
+        self.active: Progress | None = None  # the iteration run() runs or ran last
         self.lock = threading.Lock()
+        try:
+            self._recover()
+        except BaseException:  # e.g. a checkpoint of another base: release the dataset lock
+            self.close()
+            raise
+
+    def _recover(self) -> None:
+        """Startup: mark killed iterations, sweep what a kill left, continue the policy from
+        the newest checkpoint (a fresh data dir starts from the base)."""
+        interrupted = records.mark_interrupted(self.client, self.data_dir / "iterations",
+                                               self.name)
+        swept = checkpoint.sweep_leftovers(self.data_dir, CHECKPOINT, self.cfg.adapter_store,
+                                           set(adapter_store.list_versions(self.client)))
+        if interrupted or swept:
+            log.warning("recovered from a restart: interrupted %s, removed leftovers %s",
+                        interrupted, swept)
+        restored = checkpoint.load_latest(self.data_dir / CHECKPOINT, self.loaded.name,
+                                          self.rm.device)
+        if restored is None:
+            log.info("no checkpoint in %s: the policy starts from the base", self.data_dir)
+            return
+        info, saved = restored
+        self.ppo = make_ppo_state(self.rm.peft, self.loaded.tokenizer, self.ppo_cfg,
+                                  rm=self.rm)  # reference: the base, adapters off, as before
+        checkpoint.load_ppo_state_dict(self.ppo, saved, info.kl_kind)
+        self.parent = info.version
+        self._ensure_registered(info.version)
+        log.info("resumed the policy published as %s (ppo step %d, beta %.4g)", info.version,
+                 self.ppo.step, self.ppo.kl_ctl.value)
+
+    def _ensure_registered(self, version: str) -> None:  # see register_if_missing
+        checkpoint.register_if_missing(self.client, self.cfg.adapter_store, version,
+                                       self.loaded.name)
 
     def _rm_tensors(self) -> list[torch.Tensor]:
         return [*self.rm.trainable_parameters(), self.rm.bias]
@@ -140,11 +148,15 @@ class Learner:
             self.drain, self.reward_model, self.train_policy, self.evaluate, self.publish,
             self.record]
         with self.lock:
+            self.active, progress.learner = progress, self.name
             try:
                 for number, (name, phase) in enumerate(zip(PHASES, steps, strict=True), 1):
                     progress.phase, progress.phase_number = name, number
+                    progress.step = progress.steps = 0
+                    self._store_record(progress)  # "running" in this phase: a kill shows
                     log.info("iteration %s: phase %d/%d %s", progress.id, number, len(PHASES),
                              name)
+                    pause_for_tests(name)
                     start = time.perf_counter()
                     phase(work, progress)
                     progress.seconds[name] = time.perf_counter() - start
@@ -157,6 +169,8 @@ class Learner:
                 except Exception:  # e.g. Redis down: the API still holds the progress
                     log.exception("could not record failed iteration %s", progress.id)
                 raise
+            finally:
+                log.info("%s", records.summary_line(progress))
         return progress
 
     # 1 ------------------------------------------------------------------------------------
@@ -182,10 +196,17 @@ class Learner:
         work.prompts = pool[-cfg.prompts_per_iteration:]
         work.eval_prompts = (unseen or pool)[-cfg.eval_prompts:]
         progress.metrics["eval/prompts_heldout"] = bool(unseen)
-        reference = [([{"role": "user", "content": prompt}], text)
-                     for prompt, text in self._reference_samples(work.prompts, cfg.seed + 1)]
-        progress.metrics.update(fit_reward_model(self.rm, self.loaded.tokenizer,
-                                                 work.comparisons, self.rm_cfg, reference))
+        samples = reference_samples(self.rm, self.loaded.tokenizer, self.ppo_cfg, work.prompts,
+                                    cfg.seed + 1)
+        reference = [([{"role": "user", "content": prompt}], text) for prompt, text in samples]
+        with self._bar(progress, "reward model") as bar:
+            def on_step(done: int, total: int) -> None:
+                progress.step, progress.steps, bar.total = done, total, total
+                bar.update(done - bar.n)
+
+            progress.metrics.update(fit_reward_model(self.rm, self.loaded.tokenizer,
+                                                     work.comparisons, self.rm_cfg, reference,
+                                                     on_step=on_step))
 
     # 3 ------------------------------------------------------------------------------------
     def train_policy(self, work: Work, progress: Progress) -> None:
@@ -198,13 +219,22 @@ class Learner:
         progress.metrics["ptx/loss_before"] = self._ptx_loss(work.ptx_eval)
         ptx = pretraining_corpus(bs * cfg.ppo_steps, cfg.seed + self.ppo.step)
         progress.steps, totals = cfg.ppo_steps, {}
-        for step in range(cfg.ppo_steps):
-            batch = [rng.choice(work.prompts) for _ in range(bs)]
-            stats = ppo_step(self.ppo, batch, ptx[step * bs:(step + 1) * bs])
-            for key, value in stats.items():
-                totals[key] = totals.get(key, 0.0) + value / cfg.ppo_steps
-            progress.step = step + 1
+        spent = dict.fromkeys(("generate", "score", "train"), 0.0)
+        with self._bar(progress, "ppo", cfg.ppo_steps) as bar:
+            for step in range(cfg.ppo_steps):
+                batch = [rng.choice(work.prompts) for _ in range(bs)]
+                stats = ppo_step(self.ppo, batch, ptx[step * bs:(step + 1) * bs])
+                for key, value in stats.items():
+                    totals[key] = totals.get(key, 0.0) + value / cfg.ppo_steps
+                for key in spent:
+                    spent[key] += stats[f"time/{key}_s"]
+                progress.step = step + 1
+                bar.set_postfix(score=f"{stats['ppo/score']:.3f}", kl=f"{stats['ppo/kl']:.4f}")
+                bar.update()
         progress.metrics.update(totals)
+        progress.metrics.update({f"time/{k}_total_s": v for k, v in spent.items()})
+        progress.metrics["ppo/episodes_per_s"] = bs * cfg.ppo_steps / max(sum(spent.values()),
+                                                                          1e-9)
         progress.metrics["ppo/total_steps"] = self.ppo.step
 
     # 4 ------------------------------------------------------------------------------------
@@ -215,9 +245,11 @@ class Learner:
         ro = rollout(self.ppo, work.eval_prompts)
         scored = ppo_score(self.ppo, ro)
         kl = ((scored.logprobs - scored.ref_logprobs) * ro.response_mask).sum(1).mean()
-        reference = self._reference_samples(work.eval_prompts, seed=seed)
-        policy_scores = self._rm_scores(list(zip(work.eval_prompts, ro.texts, strict=True)))
-        ref_scores = self._rm_scores(reference)
+        tok = self.loaded.tokenizer
+        reference = reference_samples(self.rm, tok, self.ppo_cfg, work.eval_prompts, seed)
+        policy_scores = rm_scores(self.rm, tok, self.rm_cfg,
+                                  list(zip(work.eval_prompts, ro.texts, strict=True)))
+        ref_scores = rm_scores(self.rm, tok, self.rm_cfg, reference)
         progress.metrics.update({
             "eval/policy_score": float(policy_scores.mean()),
             "eval/reference_score": float(ref_scores.mean()),
@@ -229,19 +261,31 @@ class Learner:
 
     # 5 ------------------------------------------------------------------------------------
     def publish(self, work: Work, progress: Progress) -> None:
+        """Store files (manifest last) -> checkpoint -> registry: a kill before the
+        checkpoint leaves an unregistered, unused version (its number is never reused); a
+        kill after it is finished by ``_ensure_registered`` at the next start."""
         assert self.ppo is not None
+        if self.parent is not None:
+            self._ensure_registered(self.parent)  # a registration that failed last time
+        store = Path(self.cfg.adapter_store)
         version = adapter_store.next_version(self.client)
+        while (store / version).exists():  # e.g. a registry reset under an old store
+            version = adapter_store.next_version(self.client)
         config = {**settings.describe(self.cfg), "iteration": progress.id}
         metrics = {k: v for k, v in progress.metrics.items() if isinstance(v, (int, float))}
-        with tempfile.TemporaryDirectory(dir=self.data_dir) as tmp:
+        with tempfile.TemporaryDirectory(prefix=".publish-", dir=self.data_dir) as tmp:
             self.ppo.peft.save_pretrained(tmp, selected_adapters=[POLICY])
             folder = Path(tmp) / POLICY  # PEFT nests a non-default adapter's files
             manifest = adapter_store.publish(
-                self.cfg.adapter_store, version, folder if folder.is_dir() else Path(tmp),
-                parent=self.parent, base_model=self.loaded.name, metrics=metrics,
-                config=config)
+                store, version, folder if folder.is_dir() else Path(tmp), parent=self.parent,
+                base_model=self.loaded.name, metrics=metrics, config=config)
+        pause_for_tests("publish:stored")
+        checkpoint.save(self.data_dir / CHECKPOINT, self.ppo, version=version,
+                        parent=self.parent, base_model=self.loaded.name)
+        self.parent = version  # the policy in memory and on disk is now this version
+        pause_for_tests("publish:checkpointed")
         adapter_store.register(self.client, manifest, make_current=True)
-        self.parent = progress.version = version
+        progress.version = version
         log.info("iteration %s published %s (parent %s)", progress.id, version,
                  manifest.parent)
 
@@ -252,51 +296,24 @@ class Learner:
         self._store_record(progress)
 
     def _store_record(self, progress: Progress) -> None:
-        record = json.dumps(progress.to_dict(), sort_keys=True, default=str)
-        folder = self.data_dir / "iterations"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{progress.id}.json").write_text(record)
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hset(RECORDS, progress.id, record)
-        pipe.rpush(HISTORY, progress.id)
-        pipe.execute()
+        records.save(self.client, self.data_dir / "iterations", progress.to_dict())
 
     def history(self) -> list[dict[str, Any]]:
-        ids = [i.decode() for i in self.client.lrange(HISTORY, 0, -1)]
-        raws = self.client.hmget(RECORDS, ids) if ids else []
-        return [json.loads(raw) for raw in raws if raw is not None]
+        """Stored records, oldest first, without the one this process is running (the Runner
+        lists its live progress) and with the live state of the one it just finished."""
+        live, out = self.active, []
+        for record in records.history(self.client):
+            if live is not None and record.get("id") == live.id:
+                if live.status == "running":
+                    continue
+                record = live.to_dict()
+            out.append(record)
+        return out
 
     # helpers ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _reference_samples(self, prompts: Sequence[str], seed: int) -> list[tuple[str, str]]:
-        """(prompt, sample) of the reference policy: the base with every adapter off."""
-        peft, tok, cfg = self.rm.peft, self.loaded.tokenizer, self.ppo_cfg
-        texts = [tok.apply_chat_template([{"role": "user", "content": p}],
-                                         add_generation_prompt=True, tokenize=False)
-                 for p in prompts]
-        side, tok.padding_side = tok.padding_side, "left"
-        try:
-            batch = tok(texts, add_special_tokens=False, return_tensors="pt", padding=True)
-        finally:
-            tok.padding_side = side
-        batch = batch.to(self.rm.device)
-        torch.manual_seed(seed)
-        with peft.disable_adapter():
-            out = peft.generate(**batch, do_sample=True, temperature=cfg.temperature,
-                                top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens,
-                                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        answers = tok.batch_decode(out[:, batch["input_ids"].size(1):], skip_special_tokens=True)
-        return list(zip(prompts, answers, strict=True))
-
-    @torch.no_grad()
-    def _rm_scores(self, pairs: Sequence[tuple[str, str]]) -> torch.Tensor:
-        """RM scores [N] of (prompt, response) pairs, tokenized as the RM trained."""
-        tok = self.loaded.tokenizer
-        length = min(self.rm_cfg.max_length, self.rm.context_length)
-        rows = [Encoded((encode_sample(tok, prompt_ids(tok, [{"role": "user", "content": p}]),
-                                       text, length),), (1,)) for p, text in pairs]
-        ids, mask, _, _ = collate(rows, tok.pad_token_id, self.rm.device)
-        return self.rm.score(ids, mask).float().cpu()
+    def _bar(self, progress: Progress, what: str, total: int | None = None
+             ) -> AbstractContextManager[tqdm]:
+        return records.progress_bar(f"{progress.id} {what}", total, self.cfg.progress_bars)
 
     @torch.no_grad()
     def _ptx_loss(self, texts: Sequence[str]) -> float:

@@ -39,14 +39,16 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = False) -> Tensor:
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  moments: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Whiten ``x`` [B, T] with the mean/std of its valid (response) positions only.
 
     Used on PPO advantages (DESIGN §3): padded positions neither enter the statistics nor
     keep a value (they come back as 0). ``shift_mean=False`` rescales but keeps the mean,
-    as for rewards in TRL.
+    as for rewards in TRL. ``moments``: a precomputed (mean, population variance) to use
+    instead, e.g. over the whole batch when each data-parallel rank holds a slice of it.
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    mean, var = moments if moments is not None else (masked_mean(x, mask), masked_var(x, mask))
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

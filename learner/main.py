@@ -2,8 +2,9 @@
 
 ``run``: config -> load the base model once -> Learner -> admin API (uvicorn) and, when
 ``auto_trigger_after`` > 0, a thread that starts an iteration once that many new comparisons
-arrived. Prints one JSON line ``{"event": "listening", "port": N}`` on stdout when the API
-accepts connections (port 0 picks a free one).
+arrived. Prints one JSON line ``{"event": "listening", "port": N, "resumed_from": version or
+null, ...}`` on stdout when the API accepts connections (port 0 picks a free one). A restart
+continues from the checkpoint in ``data_dir`` (learner/iteration.py, learner/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def run(cfg: LearnerConfig) -> int:
     if cfg.auto_trigger_after > 0:
         threading.Thread(target=_auto_trigger, args=(runner, cfg, stop), daemon=True).start()
     sys.stdout.write(json.dumps({"event": "listening", "port": sock.getsockname()[1],
-                                 "base_model": loaded.name}) + "\n")
+                                 "base_model": loaded.name, "resumed_from": learner.parent,
+                                 "ppo_step": learner.ppo.step if learner.ppo else 0}) + "\n")
     sys.stdout.flush()
     try:
         server.run(sockets=[sock])

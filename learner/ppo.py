@@ -22,6 +22,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 
+from learner import distributed as dd
 from learner.advantages import gae, kl_penalized_rewards
 from learner.kl_control import AdaptiveKL, FixedKL
 from learner.losses import (
@@ -161,6 +162,7 @@ def make_ppo_state(base: nn.Module, tokenizer, cfg: PPOConfig, rm: RewardModel |
     state = PPOState(peft, tokenizer, cfg, head, None, kl_ctl, rm, scorer, ref_adapter)  # type: ignore[arg-type]
     _activate(state, POLICY)
     state.optimizer = torch.optim.Adam(state.trainable_parameters(), lr=cfg.lr, betas=(0.9, 0.95))
+    dd.broadcast_params(state.trainable_parameters())  # data-parallel ranks start identical
     return state
 
 
@@ -238,7 +240,7 @@ def rollout(state: PPOState, prompts: Sequence[str], keep_sample_logprobs: bool 
     query, query_mask = _pad([_query_ids(tok, p) for p in prompts], pad, left=True,
                              device=state.value_head.weight.device)
     width = query.size(1)
-    torch.manual_seed(cfg.seed + state.step)
+    torch.manual_seed(dd.sample_seed(cfg.seed + state.step))  # other samples on each rank
     out = state.peft.generate(
         input_ids=query, attention_mask=query_mask, do_sample=True, temperature=cfg.temperature,
         top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens, pad_token_id=pad,
@@ -285,13 +287,15 @@ def score(state: PPOState, ro: Rollout) -> Scored:
 
 
 def advantages(state: PPOState, ro: Rollout, sc: Scored) -> tuple[Tensor, Tensor, dict]:
-    """KL-shaped rewards -> GAE -> whitened advantages over response tokens."""
+    """KL-shaped rewards -> GAE -> whitened advantages over response tokens (over ALL
+    data-parallel ranks' tokens: the statistics a single process would use)."""
     rewards, stats = kl_penalized_rewards(sc.score, sc.logprobs, sc.ref_logprobs,
                                           ro.response_mask, state.kl_ctl.value)
     adv, returns = gae(rewards, sc.values, ro.response_mask, state.cfg.gamma, state.cfg.lam)
     stats["reward"] = rewards.sum(1).mean()
     stats["explained_var"] = explained_variance(sc.values, returns, ro.response_mask)
-    return masked_whiten(adv, ro.response_mask), returns, stats
+    moments = dd.global_masked_moments(adv, ro.response_mask)
+    return masked_whiten(adv, ro.response_mask, moments=moments), returns, stats
 
 
 def _ptx_batch(state: PPOState, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
@@ -316,31 +320,44 @@ def _slice(ro: Rollout, idx: Tensor) -> Rollout:
 def update(state: PPOState, ro: Rollout, sc: Scored, adv: Tensor, returns: Tensor,
            ptx_texts: Sequence[str]) -> dict[str, float]:
     """``ppo_epochs`` passes of minibatches: policy + vf_coef * value + ptx_coef * ptx in ONE
-    optimizer step (InstructGPT accumulates both gradients into the same step)."""
+    optimizer step (InstructGPT accumulates both gradients into the same step).
+
+    Data-parallel: ``ro`` is this rank's shard of the batch and ``ptx_texts`` the global
+    batch's texts; a global minibatch is ``minibatch_size / world`` rows of each rank. Each
+    token-mean loss is weighted by this rank's share of the minibatch's tokens, so the summed
+    gradients (clipped after the sum) are those of the single-process minibatch loss."""
     cfg, totals, n = state.cfg, {}, 0
     _activate(state, POLICY)
     gen = torch.Generator().manual_seed(cfg.seed + state.step)
-    n_mb = ro.response.size(0) // cfg.minibatch_size
+    local_mb = cfg.minibatch_size // dd.world_size()
+    n_mb, local_ptx = ro.response.size(0) // local_mb, dd.shard(list(ptx_texts))
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(ro.response.size(0), generator=gen).to(adv.device)
-        for k, idx in enumerate(order.split(cfg.minibatch_size)):
+        for k, idx in enumerate(order.split(local_mb)):
             mb, m = _slice(ro, idx), ro.response_mask[idx]
             logits, h = _forward(state, mb)
             pg, pg_stats = ppo_policy_loss(token_logprobs(logits, mb.response, cfg),
                                            sc.logprobs[idx], adv[idx], m, cfg.clip)
             vl, vl_stats = value_loss(_values(state, h), sc.values[idx], returns[idx], m,
                                       cfg.clip)
-            loss, ptx = pg + cfg.vf_coef * vl, torch.zeros(())
-            texts = list(ptx_texts)[k::n_mb]
+            ptx, ptx_tokens, texts = torch.zeros(()), 0.0, local_ptx[k::n_mb]
             if cfg.ptx_coef > 0 and texts:
-                ptx, _ = ptx_forward(state, texts)
-                loss = loss + cfg.ptx_coef * ptx
+                ptx, ptx_stats = ptx_forward(state, texts)
+                ptx_tokens = float(ptx_stats["tokens"])
+            tokens = float(m.sum())
+            all_tokens, all_ptx = dd.all_reduce_sum([tokens, ptx_tokens]).tolist()
+            loss = tokens / max(all_tokens, 1.0) * (pg + cfg.vf_coef * vl)  # x 1.0 alone
+            if ptx_tokens:
+                loss = loss + ptx_tokens / all_ptx * cfg.ptx_coef * ptx
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(state.trainable_parameters(), cfg.max_grad_norm)
+            dd.all_reduce_grads(state.trainable_parameters())  # sum over ranks, then clip
+            norm = torch.nn.utils.clip_grad_norm_(state.trainable_parameters(),
+                                                  cfg.max_grad_norm)  # before clipping
             state.optimizer.step()
             for key, v in (("clip_frac", pg_stats["clip_frac"]), ("value_loss", vl_stats["loss"]),
-                           ("approx_kl", pg_stats["approx_kl"]), ("ptx_loss", ptx.detach())):
+                           ("approx_kl", pg_stats["approx_kl"]), ("ptx_loss", ptx.detach()),
+                           ("grad_norm", norm)):
                 totals[key] = totals.get(key, 0.0) + float(v)
             n += 1
     return {f"ppo/{k}": v / max(n, 1) for k, v in totals.items()}
@@ -348,11 +365,16 @@ def update(state: PPOState, ro: Rollout, sc: Scored, adv: Tensor, returns: Tenso
 
 def ppo_step(state: PPOState, prompts: Sequence[str], ptx_texts: Sequence[str] = ()
              ) -> dict[str, float]:
-    """Phases 1-4 on ``cfg.batch_size`` prompts; returns namespaced stats."""
-    if len(prompts) != state.cfg.batch_size:
-        raise ValueError(f"expected {state.cfg.batch_size} prompts, got {len(prompts)}")
+    """Phases 1-4 on ``cfg.batch_size`` prompts; returns namespaced stats. Data-parallel:
+    every rank passes the same global ``prompts`` and ``ptx_texts``, samples and trains on its
+    shard, and returns the stats averaged over ranks (time/ keys stay its own)."""
+    cfg, world = state.cfg, dd.world_size()
+    if len(prompts) != cfg.batch_size:
+        raise ValueError(f"expected {cfg.batch_size} prompts, got {len(prompts)}")
+    if cfg.minibatch_size % world:
+        raise ValueError(f"minibatch_size {cfg.minibatch_size} must split over {world} ranks")
     t0 = time.perf_counter()
-    ro = rollout(state, prompts)  # 1
+    ro = rollout(state, dd.shard(prompts))  # 1
     t1 = time.perf_counter()
     sc = score(state, ro)  # 2
     adv, returns, adv_stats = advantages(state, ro, sc)  # 3
@@ -360,17 +382,19 @@ def ppo_step(state: PPOState, prompts: Sequence[str], ptx_texts: Sequence[str] =
     beta = state.kl_ctl.value
     stats = update(state, ro, sc, adv, returns, ptx_texts)  # 4
     t3 = time.perf_counter()
-    kl = float(adv_stats["kl"])
-    state.kl_ctl.update(kl, len(prompts))
-    state.step += 1
     m = ro.response_mask
     stats.update({
-        "ppo/kl": kl, "ppo/kl_k3": float(adv_stats["kl_k3"]),
+        "ppo/kl": float(adv_stats["kl"]), "ppo/kl_k3": float(adv_stats["kl_k3"]),
         "ppo/reward": float(adv_stats["reward"]), "ppo/score": float(sc.score.mean()),
         "ppo/entropy": float(sc.entropy), "ppo/explained_var": float(adv_stats["explained_var"]),
         "ppo/beta": beta, "ppo/response_len": float(m.sum(1).float().mean()),
         "time/generate_s": t1 - t0, "time/score_s": t2 - t1, "time/train_s": t3 - t2,
         "ppo/samples_per_s": len(prompts) / (t3 - t0)})
-    log.info("ppo step %d: score %.3f kl %.4f beta %.4f", state.step, stats["ppo/score"], kl,
-             beta)
+    # Equal shards: the mean over ranks of per-row means is the batch mean (KL for the
+    # controller included); token means (entropy) are averaged per rank.
+    stats = dd.mean_metrics(stats, skip=("time/", "ppo/samples_per_s"))
+    state.kl_ctl.update(stats["ppo/kl"], len(prompts))
+    state.step += 1
+    log.info("ppo step %d: score %.3f kl %.4f beta %.4f", state.step, stats["ppo/score"],
+             stats["ppo/kl"], beta)
     return stats

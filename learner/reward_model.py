@@ -21,13 +21,14 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 
+from learner import distributed as dd
 from learner.losses import kwise_rm_loss
 from rlhf.settings import setting as _f
 from rlhf.v1.feedback_pb2 import Comparison
@@ -35,6 +36,8 @@ from rlhf.v1.feedback_pb2 import Comparison
 log = logging.getLogger(__name__)
 
 ADAPTER = "rm"
+StepCallback = Callable[[int, int], None]
+"""``on_step(steps_done, steps_total)`` after each training step (progress bars)."""
 
 
 @dataclass(frozen=True)
@@ -257,49 +260,63 @@ def _optimizer(rm: RewardModel, cfg: RMConfig, steps: int
 
 @dataclass
 class _Tally:
-    """Running K-wise loss (weighted by prompts) and pair accuracy over many batches."""
+    """Sums over batches, float64 [K-wise loss x prompts, prompts, correct pairs, pairs, rows]:
+    sums, so the data-parallel ranks' tallies add up in one all-reduce."""
 
-    loss: float = 0.0
-    prompts: float = 0.0
-    correct: float = 0.0
-    pairs: float = 0.0
-    rows: int = 0
+    total: Tensor = field(default_factory=lambda: torch.zeros(5, dtype=torch.float64))
 
-    def add(self, loss: Tensor, stats: dict, rows: int) -> None:
-        self.loss += loss.item() * stats["n_prompts"].item()
-        self.prompts += stats["n_prompts"].item()
-        self.correct += (stats["accuracy"] * stats["n_pairs"]).item()
-        self.pairs += stats["n_pairs"].item()
-        self.rows += rows
+    @staticmethod
+    def of(loss: Tensor, stats: dict, rows: int) -> Tensor:
+        """One batch's sums."""
+        n = stats["n_prompts"].item()
+        return torch.tensor([loss.item() * n, n, (stats["accuracy"] * stats["n_pairs"]).item(),
+                             stats["n_pairs"].item(), rows], dtype=torch.float64)
+
+    def reduced(self) -> _Tally:
+        """The tally over all data-parallel ranks (itself with one process)."""
+        return self if dd.world_size() == 1 else _Tally(dd.all_reduce_sum(self.total))
 
     def means(self) -> tuple[float, float]:
         """(mean loss per prompt, pair accuracy); NaN when there was nothing to count."""
-        return (self.loss / self.prompts if self.prompts else float("nan"),
-                self.correct / self.pairs if self.pairs else float("nan"))
+        loss, prompts, correct, pairs, _ = self.total.tolist()
+        return (loss / prompts if prompts else float("nan"),
+                correct / pairs if pairs else float("nan"))
 
 
 def _train_epoch(rm: RewardModel, batches: list[list[Encoded]], opt: torch.optim.Optimizer,
                  sched: torch.optim.lr_scheduler.LRScheduler, pad_id: int, cfg: RMConfig,
-                 epoch: int) -> _Tally:
-    """One pass; each step forwards every candidate of its comparisons once."""
+                 epoch: int, on_step: StepCallback | None = None) -> _Tally:
+    """One pass; each step forwards every candidate of its comparisons once. Data-parallel:
+    each rank forwards its shard of the global batch; its loss is weighted by its share of
+    the batch's prompts (every encoded comparison has an untied pair, so the global loss is
+    the mean over ``len(batch)`` prompts) and the summed gradient is the global one."""
     params, tally = rm.trainable_parameters(), _Tally()
     for step, batch in enumerate(batches):
-        ids, mask, group, rank = collate(batch, pad_id, rm.device)
-        loss, stats = kwise_rm_loss(rm.score(ids, mask), group, rank)
+        local = dd.shard(batch)  # all of it with one process
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        sums = torch.zeros(5, dtype=torch.float64)  # an empty shard adds zero gradients
+        if local:
+            ids, mask, group, rank = collate(local, pad_id, rm.device)
+            loss, stats = kwise_rm_loss(rm.score(ids, mask), group, rank)
+            (loss * (len(local) / len(batch))).backward()
+            sums = _Tally.of(loss, stats, ids.size(0))
+        sums = dd.all_reduce_grads(params, sums)  # global grads and batch stats
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        tally.add(loss, stats, ids.size(0))
-        if step % cfg.log_every == 0 or step == len(batches) - 1:
+        tally.total += sums
+        if on_step is not None:  # (steps done, steps in all epochs): progress bars
+            on_step(epoch * len(batches) + step + 1, len(batches) * cfg.epochs)
+        if dd.is_leader() and (step % cfg.log_every == 0 or step == len(batches) - 1):
+            step_loss, step_accuracy = _Tally(sums).means()
             log.info("rm epoch %d step %d/%d loss %.4f acc %.3f", epoch, step + 1,
-                     len(batches), loss.item(), stats["accuracy"].item())
+                     len(batches), step_loss, step_accuracy)
     return tally
 
 
 def train_reward_model(rm: RewardModel, tokenizer, train: Sequence[Comparison],
-                       cfg: RMConfig) -> dict[str, float]:
+                       cfg: RMConfig, on_step: StepCallback | None = None
+                       ) -> dict[str, float]:
     """Phases: 1. encode, 2. optimizer + schedule, 3. epochs over shuffled comparisons in
     batches of ``comparisons_per_batch`` -> ``rm/...`` training metrics."""
     if cfg.threads:
@@ -308,6 +325,7 @@ def train_reward_model(rm: RewardModel, tokenizer, train: Sequence[Comparison],
     encoded = _encode_all(rm, tokenizer, train, cfg)  # 1
     steps = math.ceil(len(encoded) / cfg.comparisons_per_batch) * cfg.epochs
     opt, sched = _optimizer(rm, cfg, steps)  # 2
+    dd.broadcast_params(rm.trainable_parameters())  # data-parallel ranks start identical
     log.info("rm: training on %d comparisons (%d all-tied skipped), %d steps", len(encoded),
              len(train) - len(encoded), steps)
     rm.peft.eval()  # no dropout: training must score the way inference does
@@ -317,8 +335,8 @@ def train_reward_model(rm: RewardModel, tokenizer, train: Sequence[Comparison],
         order = list(encoded)
         random.Random(cfg.seed + epoch).shuffle(order)
         last = _train_epoch(rm, _batches(order, cfg.comparisons_per_batch), opt, sched, pad_id,
-                            cfg, epoch)
-        rows += last.rows
+                            cfg, epoch, on_step)
+        rows += round(last.total[4].item())
     seconds = time.perf_counter() - start
     loss, accuracy = last.means()  # of the last epoch
     return {"rm/train_loss": loss, "rm/train_accuracy": accuracy,
@@ -333,14 +351,16 @@ def train_reward_model(rm: RewardModel, tokenizer, train: Sequence[Comparison],
 @torch.no_grad()
 def evaluate_rm(rm: RewardModel, tokenizer, comparisons: Sequence[Comparison],
                 cfg: RMConfig = RMConfig()) -> dict[str, float]:
-    """Pair accuracy (r_win > r_lose over untied pairs), K-wise loss (mean over prompts)."""
+    """Pair accuracy (r_win > r_lose over untied pairs), K-wise loss (mean over prompts);
+    data-parallel ranks each score their shard and the tallies are summed."""
     tally = _Tally()
-    for batch in _batches(_encode_all(rm, tokenizer, comparisons, cfg),
+    for batch in _batches(dd.shard(_encode_all(rm, tokenizer, comparisons, cfg)),
                           cfg.comparisons_per_batch):
         ids, mask, group, rank = collate(batch, _pad_id(tokenizer), rm.device)
-        tally.add(*kwise_rm_loss(rm.score(ids, mask), group, rank), ids.size(0))
+        tally.total += _Tally.of(*kwise_rm_loss(rm.score(ids, mask), group, rank), ids.size(0))
+    tally = tally.reduced()
     loss, accuracy = tally.means()
-    return {"rm/accuracy": accuracy, "rm/loss": loss, "rm/pairs": tally.pairs}
+    return {"rm/accuracy": accuracy, "rm/loss": loss, "rm/pairs": tally.total[3].item()}
 
 
 @torch.no_grad()
@@ -348,30 +368,35 @@ def calibrate_bias(rm: RewardModel, tokenizer,
                    prompts_and_reference_samples: Sequence[tuple[Sequence, str]],
                    cfg: RMConfig = RMConfig()) -> dict[str, float]:
     """Set ``rm.bias`` so the reference samples score mean 0 (InstructGPT normalises the RM
-    so demonstrations score 0; PPO's advantages then start centred)."""
+    so demonstrations score 0; PPO's advantages then start centred). Data-parallel ranks
+    score their shard; mean and spread are over all ranks' samples."""
     if not prompts_and_reference_samples:
         raise ValueError("calibrate_bias needs at least one (messages, sample) pair")
     max_length = min(cfg.max_length, rm.context_length)
     rows = [Encoded((encode_sample(tokenizer, prompt_ids(tokenizer, messages), text,
                                    max_length),), (1,))
-            for messages, text in prompts_and_reference_samples]
+            for messages, text in dd.shard(prompts_and_reference_samples)]
     raw = torch.cat([rm.score(*collate(batch, _pad_id(tokenizer), rm.device)[:2]) - rm.bias
-                     for batch in _batches(rows, cfg.comparisons_per_batch * 4)])
-    rm.bias.fill_(-raw.mean().item())
-    log.info("rm: bias %.4f from %d reference samples", rm.bias.item(), raw.numel())
-    return {"rm/bias": rm.bias.item(), "rm/reference_std": raw.std().item() if raw.numel() > 1
-            else 0.0, "rm/reference_samples": float(raw.numel())}
+                     for batch in _batches(rows, cfg.comparisons_per_batch * 4)]
+                    + [rm.bias.new_zeros(0)]).float()
+    mean, var = dd.global_masked_moments(raw, torch.ones_like(raw))
+    n = len(prompts_and_reference_samples)
+    rm.bias.fill_(-mean.item())
+    log.info("rm: bias %.4f from %d reference samples", rm.bias.item(), n)
+    return {"rm/bias": rm.bias.item(),  # unbiased std, as torch.std
+            "rm/reference_std": math.sqrt(var.item() * n / (n - 1)) if n > 1 else 0.0,
+            "rm/reference_samples": float(n)}
 
 
 def fit_reward_model(rm: RewardModel, tokenizer, comparisons: Sequence[Comparison],
-                     cfg: RMConfig, reference: Sequence[tuple[Sequence, str]] = ()
-                     ) -> dict:
+                     cfg: RMConfig, reference: Sequence[tuple[Sequence, str]] = (),
+                     on_step: StepCallback | None = None) -> dict:
     """The RM phase of one learner iteration: split by labeler, train, evaluate on the
     held-out labelers, calibrate the bias on reference samples (when given)."""
     train, heldout, info = split_by_labeler(comparisons, cfg.heldout_fraction, cfg.seed)
     log.info("rm split: %s", info)
     metrics: dict = {"rm/split": info["split"], "rm/heldout_comparisons": len(heldout)}
-    metrics.update(train_reward_model(rm, tokenizer, train, cfg))
+    metrics.update(train_reward_model(rm, tokenizer, train, cfg, on_step))
     if heldout:
         metrics.update(evaluate_rm(rm, tokenizer, heldout, cfg))
     if reference:

@@ -100,13 +100,16 @@ def bench_hh(args: argparse.Namespace, model_dir: str) -> dict:
     cut = int(len(data) * args.hh_train_fraction)
     train, test = data[:cut], data[cut:]
     cfg = RMConfig(lr=args.lr, max_length=args.hh_max_length, seed=args.seed,
-                   comparisons_per_batch=args.batch, threads=args.threads)
+                   comparisons_per_batch=args.batch, threads=args.threads,
+                   epochs=args.hh_epochs, lora_rank=args.hh_lora_rank,
+                   lora_targets=tuple(args.hh_lora_targets.split(",")))
     rm, tok = _fresh_rm(model_dir, cfg)
     before = evaluate_rm(rm, tok, test, cfg)
     metrics = train_reward_model(rm, tok, train, cfg)
     after = evaluate_rm(rm, tok, test, cfg)
     return {"pairs_read": len(data), "malformed": bad, "train": len(train), "test": len(test),
-            "max_length": cfg.max_length, "lr": cfg.lr, "chance": 0.5,
+            "max_length": cfg.max_length, "lr": cfg.lr, "epochs": cfg.epochs,
+            "lora_rank": cfg.lora_rank, "lora_targets": list(cfg.lora_targets), "chance": 0.5,
             "accuracy_before": before["rm/accuracy"], "accuracy": after["rm/accuracy"],
             "loss_before": before["rm/loss"], "loss": after["rm/loss"],
             "train_seconds": round(metrics["rm/train_seconds"], 2)}
@@ -142,6 +145,10 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--hh-limit", type=int, default=0, help="read the first N lines; 0 = all")
     p.add_argument("--hh-train-fraction", type=float, default=0.8)
     p.add_argument("--hh-max-length", type=int, default=256)
+    p.add_argument("--hh-epochs", type=int, default=1)
+    p.add_argument("--hh-lora-rank", type=int, default=8)
+    p.add_argument("--hh-lora-targets", default="q_proj,k_proj,v_proj,o_proj",
+                   help="comma-separated module names the RM LoRA adapts")
     p.add_argument("--syn-train", type=int, default=400)
     p.add_argument("--syn-test", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-3)

@@ -91,6 +91,19 @@ def _learner_client(argv: Sequence[str]) -> int:
     return client_main(argv)
 
 
+def _up(argv: Sequence[str]) -> int:
+    from rlhf.launcher import main
+
+    return main(list(argv))
+
+
+def _simulate(argv: Sequence[str]) -> int:
+    from ui.simulate import main
+
+    _logging(False)
+    return main(list(argv), prog="rlhf simulate")
+
+
 def _bench(argv: Sequence[str]) -> int:
     from serving.bench import main
 
@@ -99,6 +112,7 @@ def _bench(argv: Sequence[str]) -> int:
 
 
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
+    "up": (_up, "run the whole loop here: Redis, serve, learn, ui (Ctrl-C stops all)"),
     "serve": (_serve, "run the policy server (gRPC + OpenAI-compatible HTTP)"),
     "ui": (_ui, "run the ranking UI (Gradio) against a running serve"),
     "starter-model": (_starter, "build (or reuse) the built-in starter model; prints its path"),
@@ -107,6 +121,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "adapters": (_adapters, "list, show, promote or roll back adapter versions (registry)"),
     "learn": (_learn, "run the learner (RM + PPO iterations) with its admin HTTP API"),
     "learner": (_learner_client, "trigger / status / history of a running learner (JSON)"),
+    "simulate": (_simulate, "simulated labelers chat and rank by the gold preference (JSON)"),
     "bench": (_bench, "benchmarks that print JSON (rlhf bench serving|feedback|hotswap)"),
 }
 

@@ -8,10 +8,15 @@ iteration on its worker thread.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
+import select
+import struct
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,9 +27,11 @@ import redis
 import torch
 from fastapi.testclient import TestClient
 
+from learner import records
 from learner.admin_api import Runner, create_app
 from learner.config import LearnerConfig
 from learner.iteration import HISTORY, Learner
+from learner.reward_model import fit_reward_model
 from rlhf import adapter_store, comparisons
 from rlhf.modeling import load_model
 from rlhf.v1 import feedback_pb2 as fb
@@ -103,8 +110,9 @@ def test_auth_is_required(env):
     assert http.get("/v1/status", headers=AUTH).status_code == 200
 
 
-def test_two_iterations_publish_v1_then_v2(env, tiny_model_dir: Path):
+def test_two_iterations_publish_v1_then_v2(env, tiny_model_dir: Path, caplog):
     http, client, cfg = env["http"], env["client"], env["cfg"]
+    caplog.set_level(logging.INFO, logger="learner.iteration")
     ids = submit(client, 0, 9)
 
     with env["learner"].lock:  # the worker waits here, so the iteration surely still runs
@@ -115,8 +123,16 @@ def test_two_iterations_publish_v1_then_v2(env, tiny_model_dir: Path):
         running = http.get("/v1/status", headers=AUTH).json()
         assert running["running"] and running["iteration"]["id"] == first
     body = wait_done(http, first)
+    env["runner"].join(60)  # the worker logs its summary line last
 
     m = body["metrics"]
+    # One console line per iteration with the phase times and the PPO time split.
+    (line,) = [r.getMessage() for r in caplog.records
+               if r.getMessage().startswith(f"iteration {first} done in")]
+    assert "-> v1" in line and "reward_model" in line and "samples/s" in line
+    episodes = cfg.ppo_steps * cfg.ppo_batch_size
+    assert m["ppo/episodes_per_s"] == pytest.approx(episodes / sum(
+        m[f"time/{k}_total_s"] for k in ("generate", "score", "train")))
     assert body["version"] == "v1" and body["phase"] == "record"
     assert set(body["seconds"]) >= {"drain", "reward_model", "ppo", "evaluate", "publish"}
     assert m["data/comparisons"] == 9 and m["data/new"] == 9
@@ -244,3 +260,39 @@ def test_rlhf_learn_process_and_learner_cli(env, tmp_path: Path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_rm_phase_reports_each_step(env):
+    """``fit_reward_model(on_step=...)``: what the RM progress bar and ``progress.step``
+    follow: (done, total) after every optimizer step, ending at total."""
+    learner = env["learner"]
+    comparisons_ = learner.dataset.load_all()[:8]
+    calls: list[tuple[int, int]] = []
+    metrics = fit_reward_model(learner.rm, learner.loaded.tokenizer, comparisons_,
+                               learner.rm_cfg, on_step=lambda done, total: calls.append(
+                                   (done, total)))
+    steps = int(metrics["rm/steps"])
+    assert steps >= 1 and calls == [(i, steps) for i in range(1, steps + 1)]
+
+
+@pytest.mark.parametrize("tty,enabled,shown", [(True, True, True), (True, False, False),
+                                               (False, True, False)])
+def test_progress_bars_only_on_a_terminal_and_when_enabled(monkeypatch, tty, enabled, shown):
+    master, slave = os.openpty() if tty else os.pipe()  # a terminal, or a pipe (CI logs)
+    if tty:  # a new pty is 0 columns wide: give it a real terminal's size
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    stream = os.fdopen(slave, "w")
+    try:
+        monkeypatch.setattr(sys, "stderr", stream)
+        with records.progress_bar("it-0001 ppo", 3, enabled) as bar:
+            hidden = bar.disable  # (closing sets it)
+            bar.update(3)
+        assert hidden is not shown
+        stream.flush()
+        if tty:  # the pty hands data over asynchronously: wait for it (or 2 s of nothing)
+            ready, _, _ = select.select([master], [], [], 2.0 if shown else 0.2)
+            written = os.read(master, 65536).decode(errors="replace") if ready else ""
+            assert ("it-0001 ppo" in written) is shown
+    finally:
+        stream.close()
+        os.close(master)

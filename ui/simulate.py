@@ -1,26 +1,37 @@
-"""Simulated labelers: threads driving the UI's backend exactly as the Gradio handlers do.
+"""Simulated labelers (`rlhf simulate`): threads driving the UI's backend as the Gradio
+handlers do.
 
-Each labeler sends a message, streams the K alternatives through ``ServingClient.generate``,
-ranks them by a fixed rule (longer answer = better, equal lengths tie), builds the record
-with ``ui.logic.build_comparison``, submits it, and continues the chat from the top answer
-(a fresh conversation every few turns). Run as a process, like the UI:
+Each labeler asks a question, streams the K alternatives through ``ServingClient.generate``,
+ranks them, builds the record with ``ui.logic.build_comparison``, submits it through the
+Feedback API and continues the chat from the top answer (a fresh conversation every
+``TURNS_PER_CONVERSATION`` turns). Two ways to rank:
 
-    python -m ui.simulate --target 127.0.0.1:50051 --labelers 16 --seconds 15
+- ``gold`` (default): questions are starter tasks with known answers (``rlhf.gold``) and the
+  K answers are ranked by the gold preference (correct > polite > concise), so the learner
+  has a real preference to learn: rehearsals, demos, the efficacy of the loop;
+- ``length``: fixed prompts, longer answer = better (the feedback benchmark's load).
 
-and prints one JSON document. ``rlhf bench feedback`` uses it.
+Labelers share a pacer: turns start at ``--rate`` comparisons/s in total (0 = as fast as
+serving answers) until ``--seconds`` pass or ``--count`` comparisons are stored. Prints one
+JSON document (per adapter version: candidates seen and, with gold, their mean gold score
+and share correct). ``rlhf bench feedback`` runs it as ``python -m ui.simulate``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from rlhf.gold import gold_ranks, gold_score, gold_tasks
+from rlhf.starter_data import Task, check
 from rlhf.v1 import policy_pb2 as pb
 from ui.client import ServingClient, ServingError
 from ui.logic import Alternative, RankingError, Turn, build_comparison, continue_with, display_order
@@ -29,11 +40,65 @@ PROMPTS = ["What is 2 + 9?", "Put in order: 7 6 3 1", "Reverse the order: train 
            "Count the words: leaf grape", "Count the letters in moon.",
            "Write dog in capital letters.", "good morning", "What is 4 minus 0?"]
 TURNS_PER_CONVERSATION = 2  # keeps prompts well inside a small model's context
+ERROR_BACKOFF_S = 0.5  # a failing serving is not hammered in a tight loop
+COUNT_LIMIT_S = 600.0  # with --count and no --seconds: give up after this long
 
 
 def rank_by_length(texts: list[str]) -> list[int]:
     """1 + the number of strictly longer texts: longest = 1, equal lengths tie."""
     return [1 + sum(len(o) > len(t) for o in texts) for t in texts]
+
+
+def questions(preference: str, rng: random.Random, seed: int) -> Iterator[tuple[str, Task | None]]:
+    """Endless (prompt, task) pairs; the task is None when ranking by length."""
+    if preference == "length":
+        while True:
+            yield rng.choice(PROMPTS), None
+    while True:
+        for task in gold_tasks(64, seed):
+            yield task.prompt, task
+        seed += 1
+
+
+def ranker(task: Task | None) -> Callable[[list[str]], list[int]]:
+    return (lambda texts: gold_ranks(task, texts)) if task is not None else rank_by_length
+
+
+class Pacer:
+    """Shared by all labelers: hands out turn slots ``1/rate`` s apart (rate 0 = at once),
+    none after the deadline, and none beyond ``count`` stored + in flight."""
+
+    def __init__(self, rate: float, count: int | None, deadline: float) -> None:
+        self.rate, self.count, self.deadline = rate, count, deadline
+        self.next_slot, self.in_flight, self.stored = time.monotonic(), 0, 0
+        self.lock = threading.Lock()
+
+    def take(self, now: float) -> float | None:
+        """The start time of the next turn (a slot not taken by then is not made up for
+        later: no bursts), or None when the deadline or the count is reached."""
+        with self.lock:
+            if now >= self.deadline or (self.count is not None
+                                        and self.stored + self.in_flight >= self.count):
+                return None
+            slot = max(now, self.next_slot)
+            if slot >= self.deadline:
+                return None
+            self.next_slot = slot + (1.0 / self.rate if self.rate > 0 else 0.0)
+            self.in_flight += 1
+            return slot
+
+    def claim(self) -> bool:
+        """Wait for the next slot; False: stop."""
+        slot = self.take(time.monotonic())
+        if slot is None:
+            return False
+        time.sleep(max(0.0, slot - time.monotonic()))
+        return True
+
+    def release(self, stored: bool) -> None:
+        with self.lock:
+            self.in_flight -= 1
+            self.stored += stored
 
 
 @dataclass
@@ -44,6 +109,7 @@ class Tally:
     errors: int = 0
     error_examples: list[str] = field(default_factory=list)
     turn_s: list[float] = field(default_factory=list)
+    versions: dict[str, dict[str, float]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def error(self, text: str) -> None:
@@ -52,13 +118,26 @@ class Tally:
             if text not in self.error_examples and len(self.error_examples) < 5:
                 self.error_examples.append(text)
 
+    def candidates(self, turn: Turn, task: Task | None) -> None:
+        """Per adapter version: candidates seen, their summed gold score and correct ones."""
+        with self.lock:
+            for alt in turn.alternatives:
+                row = self.versions.setdefault(alt.adapter_version or "?",
+                                               {"candidates": 0, "gold": 0.0, "correct": 0})
+                row["candidates"] += 1
+                if task is not None:
+                    row["gold"] += gold_score(task, alt.text)
+                    row["correct"] += check(task, alt.text.strip())
+
 
 def one_turn(client: ServingClient, messages: list[dict[str, str]], labeler: str,
-             args: argparse.Namespace, rng: random.Random) -> tuple[Turn, list[int], bool]:
+             args: argparse.Namespace, rng: random.Random,
+             rank: Callable[[list[str]], list[int]] = rank_by_length
+             ) -> tuple[Turn, list[int], bool]:
     """Generate, rank and submit one turn: (turn, ranks by position, duplicate)."""
     seed = rng.randrange(2**31)
     sampling = pb.SamplingParams(max_new_tokens=args.max_new_tokens, min_new_tokens=1,
-                                 temperature=0.9, top_p=1.0, seed=seed)
+                                 temperature=args.temperature, top_p=1.0, seed=seed)
     turn = Turn(messages=messages, request_id=uuid.uuid4().hex, sampling=sampling,
                 order=display_order(args.k, seed),
                 alternatives=[Alternative(index=i) for i in range(args.k)])
@@ -70,7 +149,7 @@ def one_turn(client: ServingClient, messages: list[dict[str, str]], labeler: str
     for alt in turn.alternatives:  # as the UI does: a clean end finished every index
         alt.done = True
     turn.finished_at = time.monotonic()
-    ranks = rank_by_length([a.text for a in turn.shown()])
+    ranks = rank([a.text for a in turn.shown()])
     record = build_comparison(turn, comparison_id=uuid.uuid4().hex, labeler_id=labeler,
                               ranks=ranks, flags=[[] for _ in ranks], comment="",
                               ideal_answer="", rank_time_ms=rng.randrange(2000, 30000),
@@ -78,19 +157,27 @@ def one_turn(client: ServingClient, messages: list[dict[str, str]], labeler: str
     return turn, ranks, client.submit(record).duplicate
 
 
-def labeler(n: int, args: argparse.Namespace, deadline: float, tally: Tally) -> None:
-    client, rng = ServingClient(args.target, timeout_s=60.0), random.Random(n)
+def labeler(n: int, args: argparse.Namespace, pacer: Pacer, tally: Tally) -> None:
+    client = ServingClient(args.target, args.auth_token, timeout_s=60.0)
+    rng = random.Random(args.seed * 1000 + n)
+    asks = questions(args.preference, rng, args.seed * 1000 + n)
     history: list[dict[str, str]] = []
     try:
-        while time.monotonic() < deadline:
-            messages = [*history, {"role": "user", "content": rng.choice(PROMPTS)}]
+        while pacer.claim():
+            prompt, task = next(asks)
+            messages = [*history, {"role": "user", "content": prompt}]
             start = time.perf_counter()
             try:
-                turn, ranks, duplicate = one_turn(client, messages, f"sim-{n:02d}", args, rng)
+                turn, ranks, duplicate = one_turn(client, messages, f"sim-{n:02d}", args, rng,
+                                                  ranker(task))
             except (ServingError, RankingError) as exc:
+                pacer.release(False)
                 tally.error(f"{type(exc).__name__}: {exc}"[:300])
                 history = []
+                time.sleep(ERROR_BACKOFF_S)
                 continue
+            pacer.release(not duplicate)
+            tally.candidates(turn, task)
             with tally.lock:
                 tally.turns += 1
                 tally.stored += not duplicate
@@ -108,35 +195,74 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(1000 * v[min(len(v) - 1, int(q * len(v)))], 1) if v else None
 
 
+def _by_version(tally: Tally, gold: bool) -> dict[str, dict]:
+    out = {}
+    for version, row in sorted(tally.versions.items()):
+        n = int(row["candidates"])
+        out[version] = {"candidates": n}
+        if gold and n:
+            out[version].update(gold_mean=round(row["gold"] / n, 3),
+                                correct=round(row["correct"] / n, 3))
+    return out
+
+
 def run(args: argparse.Namespace) -> dict:
     tally = Tally()
+    seconds = args.seconds if args.seconds is not None else (
+        COUNT_LIMIT_S if args.count is not None else 15.0)
     start = time.monotonic()
-    deadline = start + args.seconds
-    threads = [threading.Thread(target=labeler, args=(n, args, deadline, tally))
+    pacer = Pacer(args.rate, args.count, start + seconds)
+    threads = [threading.Thread(target=labeler, args=(n, args, pacer, tally))
                for n in range(args.labelers)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.monotonic() - start
-    return {"labelers": args.labelers, "k": args.k, "max_new_tokens": args.max_new_tokens,
+    return {"preference": args.preference, "labelers": args.labelers, "k": args.k,
+            "max_new_tokens": args.max_new_tokens, "rate": args.rate, "count": args.count,
             "wall_s": round(wall, 2), "turns": tally.turns, "stored": tally.stored,
             "duplicates": tally.duplicates, "errors": tally.errors,
             "error_examples": tally.error_examples,
             "turns_per_s": round(tally.turns / wall, 2),
-            "turn_ms": {"p50": _pct(tally.turn_s, 0.5), "p95": _pct(tally.turn_s, 0.95)}}
+            "comparisons_per_s": round(tally.stored / wall, 2),
+            "turn_ms": {"p50": _pct(tally.turn_s, 0.5), "p95": _pct(tally.turn_s, 0.95)},
+            "adapter_versions": _by_version(tally, args.preference == "gold")}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ui.simulate", description=__doc__.splitlines()[0])
-    p.add_argument("--target", required=True, help="gRPC address of `rlhf serve`")
-    p.add_argument("--labelers", type=int, default=16)
-    p.add_argument("--seconds", type=float, default=15.0)
-    p.add_argument("--k", type=int, default=4)
+def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    p.add_argument("--target", default=os.environ.get("RLHF_UI_POLICY_TARGET",
+                                                      "127.0.0.1:50051"),
+                   help="gRPC address of `rlhf serve` (env RLHF_UI_POLICY_TARGET)")
+    p.add_argument("--auth-token", default=os.environ.get("RLHF_UI_AUTH_TOKEN", ""),
+                   help="bearer token serving demands (env RLHF_UI_AUTH_TOKEN)")
+    p.add_argument("--preference", choices=["gold", "length"], default="gold",
+                   help="gold: starter tasks ranked by rlhf.gold; length: longer = better")
+    p.add_argument("--labelers", type=int, default=4, help="simulated labelers (threads)")
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="comparisons per second, all labelers together; 0 = as fast as possible")
+    p.add_argument("--seconds", type=float, help="stop after this long (default 15, or "
+                   f"{COUNT_LIMIT_S:.0f} as a limit with --count)")
+    p.add_argument("--count", type=int, help="stop once this many comparisons are stored")
+    p.add_argument("--k", type=int, default=4, help="alternatives per turn (2..9)")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0, help="seed of questions and sampling")
     args = p.parse_args(argv)
-    sys.stdout.write(json.dumps(run(args)) + "\n")
-    return 0
+    if args.labelers < 1 or not 2 <= args.k <= 9 or args.rate < 0:
+        p.error("--labelers >= 1, --k in 2..9 and --rate >= 0 required")
+    if (args.count is not None and args.count < 1) or (args.seconds is not None
+                                                       and args.seconds <= 0):
+        p.error("--count must be >= 1 and --seconds > 0")
+    return args
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m ui.simulate") -> int:
+    """Run, print the JSON summary; exit 1 when not a single comparison was stored."""
+    report = run(parse_args(argv, prog))
+    sys.stdout.write(json.dumps(report) + "\n")
+    return 0 if report["stored"] > 0 else 1
 
 
 if __name__ == "__main__":

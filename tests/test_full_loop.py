@@ -1,0 +1,172 @@
+"""The whole loop, as an operator and a labeler live it, on the tiny model:
+
+`rlhf up` (free ports) -> `rlhf simulate` stores gold-ranked comparisons through the
+Feedback API -> the operator triggers an iteration on the learner's admin API and it
+publishes v1 -> serving hot-swaps to v1 (GetInfo, OpenAI ``system_fingerprint``) -> in a
+real headless Chromium the UI header shows v1 and a ranking submitted there lands in Redis
+with v1 on every candidate -> SIGTERM stops everything and leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+import redis
+
+from rlhf.comparisons import STREAM
+from rlhf.v1 import policy_pb2 as pb
+from rlhf.v1 import policy_pb2_grpc as pbg
+from serving.feedback import ID_INDEX, decode_entry
+from tests.conftest import ROOT
+from tests.test_up import OPERATOR_TOKEN, UpProcess, wait_gone
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+K = 3
+WAIT_MS = 120_000  # generous: 2 shared CPU cores run five processes and the browser
+AUTH = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+SIMULATED = 9  # comparisons from 3 simulated labelers (the RM holds one labeler out)
+# Small knobs so one iteration takes seconds on the tiny model (test_learner_iteration's).
+CONFIG = """
+[serve]
+threads = 1
+registry_poll_s = 0.2
+[learn]
+threads = 1
+prompts_per_iteration = 8
+eval_prompts = 3
+ptx_eval_texts = 4
+rm_batch = 4
+rm_max_length = 96
+rm_lora_rank = 4
+rm_heldout_fraction = 0.3
+ppo_steps = 2
+ppo_batch_size = 4
+ppo_minibatch_size = 2
+ppo_max_new_tokens = 12
+ppo_lora_rank = 4
+[ui]
+max_new_tokens = 12
+min_new_tokens = 3
+temperature = 1.0
+"""
+
+pytestmark = [
+    pytest.mark.slow, pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists() and not os.environ.get("CI"),
+                       reason=f"{CHROMIUM} is absent: run ./deploy/setup.sh"),
+]
+
+
+def simulate(target: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlhf.cli", "simulate", "--target", target, "--labelers", "3",
+         "--count", str(SIMULATED), "--k", str(K), "--max-new-tokens", "12", "--seed", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def run_iteration(learner: str, limit_s: float = 240.0) -> dict:
+    reply = httpx.post(f"{learner}/v1/iterations", headers=AUTH, timeout=30)
+    assert reply.status_code == 202, reply.text
+    iteration = reply.json()["id"]
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        body = httpx.get(f"{learner}/v1/iterations/{iteration}", headers=AUTH, timeout=30).json()
+        if body["status"] != "running":
+            return body
+        time.sleep(0.5)  # polling a training run, not asserting on time
+    raise AssertionError(f"iteration {iteration} still running after {limit_s} s")
+
+
+def wait_for_version(target: str, version: str, limit_s: float = 60.0) -> None:
+    with grpc.insecure_channel(target) as channel:
+        stub, deadline = pbg.PolicyStub(channel), time.monotonic() + limit_s
+        while stub.GetInfo(pb.GetInfoRequest()).current_adapter_version != version:
+            assert time.monotonic() < deadline, f"serving did not switch to {version}"
+            time.sleep(0.2)
+
+
+def rank_in_browser(ui_url: str) -> str:
+    """Log in as alice, check the header, ask, rank 1..K, submit; the stored record's id."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(WAIT_MS)
+            page.goto(ui_url)
+            page.locator("input[type=text]").first.fill("alice")
+            page.locator("input[type=password]").first.fill("pw-alice")
+            page.get_by_role("button", name="Login").click()
+            expect(page.locator("#header")).to_contain_text("v1")
+            page.locator("#msg").get_by_role("textbox").fill("What is 3 + 4?")
+            page.locator("#send").click()
+            expect(page.locator("#status")).to_contain_text("All answers are in")
+            for pos in range(K):
+                page.locator(f"#rank-{pos}").get_by_label(str(pos + 1), exact=True).check()
+            page.locator("#submit").click()
+            status = page.locator("#status")
+            expect(status).to_contain_text("Ranking stored")
+            return re.search(r"id ([0-9a-f]{32})", status.inner_text()).group(1)
+        finally:
+            browser.close()
+
+
+def test_simulate_learn_hot_swap_rank_in_browser_and_stop(tiny_model_dir: Path,
+                                                          tmp_path: Path):
+    up = UpProcess(tiny_model_dir, tmp_path, toml_extra=CONFIG, k=K)
+    try:
+        ready = up.ready
+        r = redis.Redis.from_url(ready["redis"])
+
+        # 1. Simulated labelers rank K answers of starter tasks by the gold preference.
+        report = simulate(ready["grpc"])
+        assert report["errors"] == 0, report["error_examples"]
+        assert report["stored"] == SIMULATED and report["preference"] == "gold"
+        assert set(report["adapter_versions"]) == {"base"}
+        assert r.xlen(STREAM) == SIMULATED
+
+        # 2. The operator runs an iteration: all of it lands in the dataset, v1 is published.
+        body = run_iteration(ready["learner"])
+        assert body["status"] == "done", body.get("error")
+        assert body["version"] == "v1"
+        assert body["metrics"]["data/comparisons"] == SIMULATED
+
+        # 3. Serving follows the registry: GetInfo and every completion say v1.
+        wait_for_version(ready["grpc"], "v1")
+        completion = httpx.post(ready["http"] + "/chat/completions", timeout=60, json={
+            "model": str(tiny_model_dir), "max_tokens": 8, "seed": 3,
+            "messages": [{"role": "user", "content": "What is 2 + 2?"}]}).json()
+        assert completion["system_fingerprint"] == "v1"
+
+        # 4. A person in the browser sees v1 and ranks answers v1 produced.
+        stored_id = rank_in_browser(ready["ui"])
+        entry = r.hget(ID_INDEX, stored_id)
+        assert entry is not None, f"{stored_id} is not in the stream"
+        [(_, fields)] = r.xrange(STREAM, entry, entry)
+        record = decode_entry(fields)
+        assert record.labeler_id == "alice"
+        assert sorted(c.rank for c in record.candidates) == list(range(1, K + 1))
+        assert {c.adapter_version for c in record.candidates} == {"v1"}
+        assert r.xlen(STREAM) == SIMULATED + 1
+        r.close()
+
+        # 5. SIGTERM (as a service manager sends) stops every part; nothing is left running.
+        assert up.stop(signal.SIGTERM) == 0, up.log()[-4000:]
+        assert wait_gone(up) == []
+    finally:
+        up.kill()
