@@ -54,6 +54,8 @@ class LearnerConfig:
     rm_lr: float = _f(1e-3, "reward model: peak learning rate")
     rm_epochs: int = _f(1, "reward model: passes over all comparisons per iteration")
     rm_batch: int = _f(16, "reward model: comparisons (all K candidates) per step")
+    rm_micro_batch: int = _f(4, "reward model: comparisons per forward/backward inside a "
+                             "step (same gradient, less activation memory); 0 = whole step")
     rm_max_length: int = _f(512, "reward model: tokens per prompt+completion row")
     rm_lora_rank: int = _f(8, "reward model: LoRA rank")
     rm_heldout_fraction: float = _f(0.1, "reward model: share held out (by labeler)")
@@ -87,6 +89,7 @@ class LearnerConfig:
     def rm_config(self) -> RMConfig:
         return RMConfig(lr=self.rm_lr, epochs=self.rm_epochs, max_length=self.rm_max_length,
                         comparisons_per_batch=self.rm_batch, lora_rank=self.rm_lora_rank,
+                        micro_batch=self.rm_micro_batch,
                         heldout_fraction=self.rm_heldout_fraction, seed=self.seed)
 
     def ppo_config(self) -> PPOConfig:

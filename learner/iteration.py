@@ -43,7 +43,15 @@ from learner import checkpoint, records
 from learner.config import LearnerConfig
 from learner.dataset import ComparisonDataset
 from learner.intake import Intake
-from learner.ppo import POLICY, PPOState, make_ppo_state, ppo_step, ptx_forward, rollout
+from learner.ppo import (
+    POLICY,
+    PPOState,
+    make_ppo_state,
+    ppo_step,
+    ptx_forward,
+    rollout,
+    value_head_from_rm,
+)
 from learner.ppo import score as ppo_score
 from learner.records import HISTORY, PHASES, RECORDS, SEQ, Progress, pause_for_tests
 from learner.reward_model import RewardModel, fit_reward_model, split_by_labeler
@@ -213,6 +221,8 @@ class Learner:
         if self.ppo is None:  # value head starts as the freshly trained RM head
             self.ppo = make_ppo_state(self.rm.peft, self.loaded.tokenizer, self.ppo_cfg,
                                       rm=self.rm)
+        else:  # the RM was just retrained on all data: the value function restarts from it
+            value_head_from_rm(self.ppo, self.rm)
         cfg, bs = self.cfg, self.ppo_cfg.batch_size
         rng = random.Random(cfg.seed + self.ppo.step)
         work.ptx_eval = pretraining_corpus(cfg.ptx_eval_texts, cfg.seed + 10_000)

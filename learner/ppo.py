@@ -155,15 +155,27 @@ def make_ppo_state(base: nn.Module, tokenizer, cfg: PPOConfig, rm: RewardModel |
     hidden = peft.get_base_model().config.hidden_size
     device = next(peft.parameters()).device
     head = nn.Linear(hidden, 1, device=device)
-    if rm is not None:  # InstructGPT: the value function starts from the RM
-        head.load_state_dict(rm.head.state_dict())
     kl_ctl = (FixedKL(cfg.init_kl_coef) if cfg.target_kl is None
               else AdaptiveKL(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon))
     state = PPOState(peft, tokenizer, cfg, head, None, kl_ctl, rm, scorer, ref_adapter)  # type: ignore[arg-type]
     _activate(state, POLICY)
     state.optimizer = torch.optim.Adam(state.trainable_parameters(), lr=cfg.lr, betas=(0.9, 0.95))
+    if rm is not None:
+        value_head_from_rm(state, rm)
     dd.broadcast_params(state.trainable_parameters())  # data-parallel ranks start identical
     return state
+
+
+@torch.no_grad()
+def value_head_from_rm(state: PPOState, rm: RewardModel) -> None:
+    """InstructGPT: the value function starts from the RM. Head weight and the calibrated
+    offset (``rm.head.bias + rm.bias``), so V starts near the reward the episode will get;
+    the learner calls this again after each RM retrain (and forgets the head's Adam moments,
+    which belonged to the previous RM's scale)."""
+    state.value_head.weight.copy_(rm.head.weight)
+    state.value_head.bias.copy_(rm.head.bias + rm.bias)
+    for p in state.value_head.parameters():
+        state.optimizer.state.pop(p, None)
 
 
 def _activate(state: PPOState, adapter: str) -> None:

@@ -49,6 +49,9 @@ class RMConfig:
     max_length: int = _f(512, "tokens per prompt+completion row; the prompt is cut from the "
                          "left; capped at the model's context length")
     comparisons_per_batch: int = _f(16, "comparisons (all K candidates each) per step")
+    micro_batch: int = _f(4, "comparisons per forward/backward inside a step; the gradients "
+                          "add up to the same step, with a quarter of the activation memory "
+                          "at the default; 0 = the whole step at once")
     lora_rank: int = _f(8, "rank of the rm LoRA adapter on the attention projections")
     lora_targets: tuple[str, ...] = _f(("q_proj", "k_proj", "v_proj", "o_proj"),
                                        "module names to adapt; none found = PEFT's default")
@@ -60,6 +63,8 @@ class RMConfig:
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.epochs < 1 or self.comparisons_per_batch < 1:
             raise ValueError("lr > 0, epochs >= 1 and comparisons_per_batch >= 1 required")
+        if self.micro_batch < 0:
+            raise ValueError("micro_batch must be >= 0 (0 = the whole step at once)")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ValueError("heldout_fraction must be in [0, 1)")
         if self.max_length < 8 or self.lora_rank < 1:
@@ -97,6 +102,9 @@ class RewardModel(nn.Module):
         self.head = nn.Linear(hidden, 1, device=device)  # float32 even on a bf16/4-bit base
         nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(hidden + 1))
         nn.init.zeros_(self.head.bias)
+        # The K-wise loss only sees score differences: a trained head bias would drift on
+        # gradient noise alone (Adam normalises it); ``bias`` below sets the offset instead.
+        self.head.bias.requires_grad_(False)
         self.register_buffer("bias", torch.zeros((), device=device))
 
     @property
@@ -110,7 +118,7 @@ class RewardModel(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         lora = [p for n, p in self.peft.named_parameters() if f".{ADAPTER}." in n]
-        return lora + list(self.head.parameters())
+        return [*lora, self.head.weight]
 
     def score(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """input_ids, attention_mask [B, T] (right or left padded) -> rewards [B]."""
@@ -287,19 +295,20 @@ def _train_epoch(rm: RewardModel, batches: list[list[Encoded]], opt: torch.optim
                  sched: torch.optim.lr_scheduler.LRScheduler, pad_id: int, cfg: RMConfig,
                  epoch: int, on_step: StepCallback | None = None) -> _Tally:
     """One pass; each step forwards every candidate of its comparisons once. Data-parallel:
-    each rank forwards its shard of the global batch; its loss is weighted by its share of
-    the batch's prompts (every encoded comparison has an untied pair, so the global loss is
-    the mean over ``len(batch)`` prompts) and the summed gradient is the global one."""
+    each rank forwards its shard of the global batch, ``micro_batch`` comparisons at a time;
+    each micro-batch's loss is weighted by its share of the batch's prompts (every encoded
+    comparison has an untied pair, so the global loss is the mean over ``len(batch)``
+    prompts) and the summed gradient is the global one."""
     params, tally = rm.trainable_parameters(), _Tally()
     for step, batch in enumerate(batches):
         local = dd.shard(batch)  # all of it with one process
         opt.zero_grad(set_to_none=True)
         sums = torch.zeros(5, dtype=torch.float64)  # an empty shard adds zero gradients
-        if local:
-            ids, mask, group, rank = collate(local, pad_id, rm.device)
+        for micro in _batches(local, cfg.micro_batch or len(local)) if local else []:
+            ids, mask, group, rank = collate(micro, pad_id, rm.device)
             loss, stats = kwise_rm_loss(rm.score(ids, mask), group, rank)
-            (loss * (len(local) / len(batch))).backward()
-            sums = _Tally.of(loss, stats, ids.size(0))
+            (loss * (len(micro) / len(batch))).backward()  # micro mean -> batch mean
+            sums += _Tally.of(loss, stats, ids.size(0))
         sums = dd.all_reduce_grads(params, sums)  # global grads and batch stats
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

@@ -19,6 +19,7 @@ from learner.ppo import (
     ptx_forward,
     rollout,
     score,
+    value_head_from_rm,
 )
 from learner.reward_model import ADAPTER, RewardModel, RMConfig
 from rlhf.modeling import load_model
@@ -71,8 +72,16 @@ def test_start_has_zero_kl_and_scoring_matches_sampling(tiny_model_dir: Path, to
 def test_value_head_starts_as_the_rm_head(tiny_model_dir: Path):
     state, rm = _state(tiny_model_dir, with_rm=True)
     assert torch.equal(state.value_head.weight, rm.head.weight)
-    assert torch.equal(state.value_head.bias, rm.head.bias)
+    assert torch.equal(state.value_head.bias, rm.head.bias + rm.bias)  # calibrated offset
     assert state.value_head.weight.data_ptr() != rm.head.weight.data_ptr()  # a copy
+    with torch.no_grad():  # the RM is retrained and recalibrated: the value head follows
+        rm.head.weight.add_(1.0)
+        rm.bias.fill_(-0.75)
+    state.optimizer.state[state.value_head.weight]["exp_avg"] = torch.ones(1)
+    value_head_from_rm(state, rm)
+    assert torch.equal(state.value_head.weight, rm.head.weight)
+    assert torch.allclose(state.value_head.bias, rm.head.bias - 0.75)
+    assert state.value_head.weight not in state.optimizer.state  # old Adam moments dropped
 
 
 def test_continued_run_uses_a_frozen_ref_adapter(tiny_model_dir: Path):

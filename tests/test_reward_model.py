@@ -83,17 +83,17 @@ def test_each_completion_is_forwarded_once(tiny_model_dir: Path):
                                         for b in k4.candidates[j + 1:])]
     rows.clear()
     train_reward_model(rm, tok, pairs, RMConfig(comparisons_per_batch=len(pairs)))
-    assert rows == [12]
+    assert sum(rows) == 12  # in micro-batches of 4 pairs: [8, 4]
 
 
 def test_only_rm_adapter_and_head_train_and_base_is_untouched(tiny_model_dir: Path):
     rm, tok = _rm(tiny_model_dir)
     trainable = {n for n, p in rm.peft.named_parameters() if p.requires_grad}
     assert trainable and all(f".{ADAPTER}." in n and "lora_" in n for n in trainable)
-    assert all(p.requires_grad for p in rm.head.parameters())
+    # head weight trains; head bias is frozen (the K-wise loss cannot see an offset)
+    assert rm.head.weight.requires_grad and not rm.head.bias.requires_grad
     assert {id(p) for p in rm.trainable_parameters()} == (
-        {id(p) for p in rm.peft.parameters() if p.requires_grad}
-        | {id(p) for p in rm.head.parameters()})
+        {id(p) for p in rm.peft.parameters() if p.requires_grad} | {id(rm.head.weight)})
     base = {n: p.detach().clone() for n, p in rm.peft.named_parameters() if "lora_" not in n}
     lora_before = {n: p.detach().clone() for n, p in rm.peft.named_parameters() if "lora_" in n}
     head_before = rm.head.weight.detach().clone()
@@ -180,3 +180,23 @@ def test_split_with_one_labeler_falls_back_to_ids():
     again = split_by_labeler(list(reversed(data)), 0.25, seed=0)[1]
     assert {c.id for c in again} == {c.id for c in heldout}  # by id, not by order
     assert split_by_labeler(data, 0.0, seed=0)[1] == []
+
+
+def test_micro_batches_add_up_to_the_whole_step(tiny_model_dir: Path):
+    """micro_batch only changes how a step is forwarded (activation memory), not its
+    gradient: the step's gradient is the mean over all its prompts either way."""
+    from learner.reward_model import _encode_all, _train_epoch
+
+    grads = {}
+    for micro in (0, 1, 3):
+        rm, tok = _rm(tiny_model_dir, micro_batch=micro, comparisons_per_batch=8)
+        batch = _encode_all(rm, tok, polite_vs_rude(8, 3), rm_cfg := RMConfig(
+            lora_rank=4, micro_batch=micro, comparisons_per_batch=8))
+        opt = torch.optim.SGD(rm.trainable_parameters(), lr=0.0)  # keep the gradient only
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        tally = _train_epoch(rm, [batch], opt, sched, tok.pad_token_id, rm_cfg, epoch=0)
+        assert tally.total[1].item() == 8  # every prompt counted once
+        grads[micro] = torch.cat([p.grad.flatten() for p in rm.trainable_parameters()])
+    assert grads[0].abs().sum() > 0
+    for micro in (1, 3):
+        assert torch.allclose(grads[micro], grads[0], rtol=1e-4, atol=1e-7), micro
