@@ -104,7 +104,7 @@ def _stream_check(r: redis.Redis, before: tuple[int, int], expected: int) -> dic
 def _labelers(target: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "ui.simulate", "--target", target, "--labelers",
            str(args.labelers), "--seconds", str(args.labeler_seconds), "--k", str(args.k),
-           "--max-new-tokens", str(args.max_new_tokens)]
+           "--max-new-tokens", str(args.max_new_tokens), "--preference", "length"]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True,
                           timeout=args.labeler_seconds + 300)
     return json.loads(done.stdout)
