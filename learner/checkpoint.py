@@ -28,6 +28,7 @@ import torch
 from learner.kl_control import AdaptiveKL
 from learner.ppo import POLICY, PPOState
 from rlhf import adapter_store
+from rlhf.adapter_store import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +102,6 @@ def load_ppo_state_dict(state: PPOState, saved: dict[str, Any], kl_kind: str) ->
 # -- files -------------------------------------------------------------------------------------
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _complete(root: Path) -> list[tuple[CheckpointInfo, Path]]:
     """Checkpoints with a readable manifest, oldest first."""
     found = []
@@ -133,8 +126,8 @@ def save(root: Path, state: PPOState, *, version: str, parent: str | None,
     tmp.mkdir()
     try:
         torch.save(ppo_state_dict(state), tmp / STATE_FILE)
-        _fsync(tmp / STATE_FILE)
-        _fsync(tmp)
+        fsync_path(tmp / STATE_FILE)
+        fsync_path(tmp)
         sequence = previous[-1][0].sequence + 1 if previous else 1
         final = root / f"{sequence:06d}-{version}"
         os.rename(tmp, final)
@@ -150,10 +143,10 @@ def save(root: Path, state: PPOState, *, version: str, parent: str | None,
                           created_at=time.time())
     part = final / (MANIFEST_FILE + ".tmp")
     part.write_text(json.dumps(asdict(info), sort_keys=True))
-    _fsync(part)
+    fsync_path(part)
     os.rename(part, final / MANIFEST_FILE)
-    _fsync(final)
-    _fsync(root)
+    fsync_path(final)
+    fsync_path(root)
     for _, old in previous:  # only now: until here the previous one was the latest
         shutil.rmtree(old, ignore_errors=True)
     return info

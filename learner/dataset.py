@@ -24,6 +24,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from rlhf.adapter_store import fsync_path
 from rlhf.v1.feedback_pb2 import Comparison
 
 log = logging.getLogger(__name__)
@@ -77,14 +78,6 @@ def scan_segment(data: bytes) -> tuple[list[Comparison], int, str]:
         records.append(record)
         pos = end
     return records, pos, ""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ComparisonDataset:
@@ -214,7 +207,7 @@ class ComparisonDataset:
         self._file.write(MAGIC)
         self._file.flush()
         os.fsync(self._file.fileno())
-        _fsync_dir(self.dir)  # the new name itself must survive a crash
+        fsync_path(self.dir)  # the new name itself must survive a crash
         self._sizes[path] = len(MAGIC)
         return self._file
 

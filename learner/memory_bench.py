@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable
+from dataclasses import fields
 from pathlib import Path
 
 import redis
@@ -166,13 +167,26 @@ def _persistent_extra(learner: Learner) -> int:
     return _bytes(tensors)
 
 
+def _overrides(pairs: list[str]) -> dict:
+    """``--set ppo_minibatch_size=4`` -> {"ppo_minibatch_size": 4} (typed by the field)."""
+    types = {f.name: type(f.default) for f in fields(LearnerConfig)}
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in types:
+            raise SystemExit(f"--set {pair}: {key!r} is not a LearnerConfig field")
+        kind = types[key]
+        out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return out
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     model = args.model or str(ensure_starter_model())
     with private_redis("rlhf-membench-") as url, tempfile.TemporaryDirectory() as tmp:
         cfg = LearnerConfig(model=model, device=args.device, redis_url=url,
                             data_dir=f"{tmp}/data", adapter_store=f"{tmp}/store",
-                            threads=args.threads)
+                            threads=args.threads, **_overrides(args.set))
         loaded = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
         base = _bytes([*loaded.model.parameters(), *loaded.model.buffers()])
         client = redis.Redis.from_url(url)
@@ -199,9 +213,9 @@ def run(args: argparse.Namespace) -> dict:
             "measure": "cuda max_memory_allocated" if learner.rm.device.type == "cuda"
             else "live CPU tensors at start + peak of the profiler's allocation timeline",
             "base_weight_bytes": base, "comparisons_per_iteration": args.comparisons,
-            "config": {"rm_batch": cfg.rm_batch, "ppo_batch_size": cfg.ppo_batch_size,
-                       "ppo_max_new_tokens": cfg.ppo_max_new_tokens,
-                       "rm_max_length": cfg.rm_max_length},
+            "config": {k: getattr(cfg, k) for k in (
+                "rm_batch", "rm_micro_batch", "rm_max_length", "ppo_batch_size",
+                "ppo_minibatch_size", "ppo_max_new_tokens")},
             "iterations": iterations, "target_peak_over_base": 3.0,
             "four_model_floor_bytes": 6 * base, "four_model_floor_over_base": 6.0}
 
@@ -214,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iterations", type=int, default=2)
     p.add_argument("--comparisons", type=int, default=64, help="new K=4 records per iteration")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a LearnerConfig field, e.g. --set rm_micro_batch=1")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         stream=sys.stderr)

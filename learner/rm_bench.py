@@ -145,7 +145,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--hh-limit", type=int, default=0, help="read the first N lines; 0 = all")
     p.add_argument("--hh-train-fraction", type=float, default=0.8)
     p.add_argument("--hh-max-length", type=int, default=256)
-    p.add_argument("--hh-epochs", type=int, default=1)
+    p.add_argument("--hh-epochs", type=int, default=3,
+                   help="3: one epoch does not beat chance on this data with the starter model")
     p.add_argument("--hh-lora-rank", type=int, default=8)
     p.add_argument("--hh-lora-targets", default="q_proj,k_proj,v_proj,o_proj",
                    help="comma-separated module names the RM LoRA adapts")

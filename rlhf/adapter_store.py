@@ -82,7 +82,9 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a rename or a new name is durable only once its
+    directory is synced)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -125,8 +127,8 @@ def publish(store: str | Path, version: str, adapter: str | Path | Any, *, paren
     try:
         _write_adapter(adapter, tmp)
         for name in ADAPTER_FILES:
-            _fsync(tmp / name)
-        _fsync(tmp)
+            fsync_path(tmp / name)
+        fsync_path(tmp)
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -137,10 +139,10 @@ def publish(store: str | Path, version: str, adapter: str | Path | Any, *, paren
                         metrics=dict(metrics or {}), config=dict(config or {}))
     part = final / (MANIFEST_FILE + ".tmp")
     part.write_text(manifest.to_json())
-    _fsync(part)
+    fsync_path(part)
     os.rename(part, final / MANIFEST_FILE)
-    _fsync(final)
-    _fsync(store)
+    fsync_path(final)
+    fsync_path(store)
     return manifest
 
 

@@ -78,3 +78,14 @@ def test_pure_math_imports_only_torch():
             continue
         extra = {m for m in _imports(path) if _top(m) not in {"torch", "__future__", "math"}}
         assert not extra, f"{rel} must import only torch, imports {extra}"
+
+
+def test_trl_stays_in_the_benchmark_environment():
+    """trl/datasets live only in .venv-trl (deploy/bench-env.sh): the product never needs
+    them, only the side-by-side benchmarks against TRL do."""
+    for package in ("rlhf", "serving", "learner", "ui"):
+        for path, modules in _package_imports(package).items():
+            if path.parent.name == "learner" and path.name.startswith("trl_"):
+                continue
+            bad = {m for m in modules if _top(m) in {"trl", "datasets"}}
+            assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
