@@ -364,7 +364,7 @@ def evaluate_rm(rm: RewardModel, tokenizer, comparisons: Sequence[Comparison],
     data-parallel ranks each score their shard and the tallies are summed."""
     tally = _Tally()
     for batch in _batches(dd.shard(_encode_all(rm, tokenizer, comparisons, cfg)),
-                          cfg.comparisons_per_batch):
+                          cfg.micro_batch or cfg.comparisons_per_batch):
         ids, mask, group, rank = collate(batch, _pad_id(tokenizer), rm.device)
         tally.total += _Tally.of(*kwise_rm_loss(rm.score(ids, mask), group, rank), ids.size(0))
     tally = tally.reduced()
@@ -386,7 +386,8 @@ def calibrate_bias(rm: RewardModel, tokenizer,
                                    max_length),), (1,))
             for messages, text in dd.shard(prompts_and_reference_samples)]
     raw = torch.cat([rm.score(*collate(batch, _pad_id(tokenizer), rm.device)[:2]) - rm.bias
-                     for batch in _batches(rows, cfg.comparisons_per_batch * 4)]
+                     for batch in _batches(rows, 4 * (cfg.micro_batch
+                                                      or cfg.comparisons_per_batch))]
                     + [rm.bias.new_zeros(0)]).float()
     mean, var = dd.global_masked_moments(raw, torch.ones_like(raw))
     n = len(prompts_and_reference_samples)

@@ -220,7 +220,10 @@ class Launcher:
             env={"RLHF_UI_USERS": self.users, "RLHF_UI_AUTH_TOKEN": self.auth_token,
                  # the UI's Dashboard talks to the learner's admin API
                  "RLHF_UI_LEARNER_URL": self.learner_url,
-                 "RLHF_UI_LEARNER_TOKEN": self.operator_token})
+                 "RLHF_UI_LEARNER_TOKEN": self.operator_token,
+                 # the built-in demo account may trigger iterations from the Dashboard
+                 "RLHF_UI_OPERATORS": os.environ.get("RLHF_UI_OPERATORS") or (
+                     "demo" if self.users == "demo:demo" else "")})
         self.wait_for("ui", lambda: _http_ok(self.ui_url), c.ready_timeout_s)
 
     @property
