@@ -89,3 +89,13 @@ def test_trl_stays_in_the_benchmark_environment():
                 continue
             bad = {m for m in modules if _top(m) in {"trl", "datasets"}}
             assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_the_learner_never_sees_the_gold_preference():
+    """Only the efficacy harness and benchmarks may score with rlhf.gold; the learner
+    proper learns from rankings alone (else "it learns" would be circular)."""
+    allowed = {"efficacy.py", "efficacy_bench.py", "memory_bench.py"}
+    for path, modules in _package_imports("learner").items():
+        if path.name in allowed:
+            continue
+        assert "rlhf.gold" not in modules, f"{path.relative_to(ROOT)} imports rlhf.gold"
