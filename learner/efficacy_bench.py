@@ -126,7 +126,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--rm-batch", type=int, default=8)
     p.add_argument("--rm-heldout-fraction", type=float, default=0.25)
     p.add_argument("--ppo-steps", type=int, default=10)
-    p.add_argument("--ppo-lr", type=float, default=1e-3)
+    p.add_argument("--ppo-lr", type=float, default=2e-3)
     p.add_argument("--ppo-epochs", type=int, default=4)
     p.add_argument("--ppo-batch-size", type=int, default=16)
     p.add_argument("--ppo-kl-coef", type=float, default=0.2)

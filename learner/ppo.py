@@ -169,9 +169,8 @@ def make_ppo_state(base: nn.Module, tokenizer, cfg: PPOConfig, rm: RewardModel |
 @torch.no_grad()
 def value_head_from_rm(state: PPOState, rm: RewardModel) -> None:
     """InstructGPT: the value function starts from the RM. Head weight and the calibrated
-    offset (``rm.head.bias + rm.bias``), so V starts near the reward the episode will get;
-    the learner calls this again after each RM retrain (and forgets the head's Adam moments,
-    which belonged to the previous RM's scale)."""
+    offset (``rm.head.bias + rm.bias``), so V starts near the reward the episode will get.
+    Any Adam moments of the head are dropped (they belonged to the values it replaces)."""
     state.value_head.weight.copy_(rm.head.weight)
     state.value_head.bias.copy_(rm.head.bias + rm.bias)
     for p in state.value_head.parameters():

@@ -74,7 +74,7 @@ def test_value_head_starts_as_the_rm_head(tiny_model_dir: Path):
     assert torch.equal(state.value_head.weight, rm.head.weight)
     assert torch.equal(state.value_head.bias, rm.head.bias + rm.bias)  # calibrated offset
     assert state.value_head.weight.data_ptr() != rm.head.weight.data_ptr()  # a copy
-    with torch.no_grad():  # the RM is retrained and recalibrated: the value head follows
+    with torch.no_grad():  # called again: it copies what the RM holds now
         rm.head.weight.add_(1.0)
         rm.bias.fill_(-0.75)
     state.optimizer.state[state.value_head.weight]["exp_avg"] = torch.ones(1)
