@@ -103,6 +103,7 @@ def plot(arms: dict[str, dict], path: Path, title: str) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -135,7 +136,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--arms", choices=["both", "off", "on"], default="both")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--png", default="efficacy.png", help="where the plot goes")
+    p.add_argument("--png", default="bench-out/efficacy.png", help="where the plot goes")
     return p.parse_args(list(argv))
 
 
