@@ -36,7 +36,11 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self.db_url(0)
+
+    def db_url(self, db: int) -> str:
+        """The URL of logical database ``db`` (tests keep their keys apart this way)."""
+        return f"redis://127.0.0.1:{self.port}/{db}"
 
     def start(self, timeout: float = 10.0) -> None:
         """Start and wait for PING; raises RuntimeError (and leaves nothing running) if it

@@ -27,7 +27,7 @@ HH_MALFORMED = [{"line": 87, "reason": "the chosen answer is empty"}]
 
 @pytest.fixture
 def url(redis_server: RedisServer) -> str:
-    return redis_server.url.rsplit("/", 1)[0] + "/1"
+    return redis_server.db_url(1)
 
 
 @pytest.fixture

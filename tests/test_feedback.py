@@ -30,7 +30,7 @@ ROUTE = "/v1/feedback/comparisons"
 
 def db_url(redis_server: RedisServer) -> str:
     """A database of its own (1), so other suites sharing the session Redis see nothing."""
-    return redis_server.url.rsplit("/", 1)[0] + "/1"
+    return redis_server.db_url(1)
 
 
 @pytest.fixture(scope="module")

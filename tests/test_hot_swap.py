@@ -70,7 +70,7 @@ class Maker:
 
 @pytest.fixture(scope="module")
 def env(tiny_model_dir, redis_server, tmp_path_factory) -> Iterator[dict]:
-    url = redis_server.url.rsplit("/", 1)[0] + "/2"
+    url = redis_server.db_url(2)
     client = redis.Redis.from_url(url)
     client.flushdb()
     store_dir = tmp_path_factory.mktemp("adapter-store")

@@ -41,7 +41,7 @@ def record(i: int, labeler: str) -> fb.Comparison:
 @pytest.fixture(scope="module")
 def env(tiny_model_dir: Path, redis_server, tmp_path_factory) -> Iterator[dict]:
     torch.set_num_threads(1)
-    url = redis_server.url.rsplit("/", 1)[0] + "/6"
+    url = redis_server.db_url(6)
     client = redis.Redis.from_url(url)
     client.flushdb()
     root = tmp_path_factory.mktemp("dashboard")

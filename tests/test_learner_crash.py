@@ -46,7 +46,7 @@ SMALL = dict(prompts_per_iteration=8, eval_prompts=3, ptx_eval_texts=4, rm_batch
 
 
 def db_url(redis_server, db: int) -> str:
-    return redis_server.url.rsplit("/", 1)[0] + f"/{db}"
+    return redis_server.db_url(db)
 
 
 def policy_state(learner: Learner) -> dict:

@@ -60,7 +60,7 @@ def learner_config(model_dir: Path, url: str, root: Path) -> LearnerConfig:
 def test_gold_win_rate_rises_and_rm_beats_chance(tiny_model_dir: Path, redis_server,
                                                  tmp_path: Path):
     torch.set_num_threads(1)
-    url = redis_server.url.rsplit("/", 1)[0] + "/7"  # a database of its own: the learner
+    url = redis_server.db_url(7)  # a database of its own: the learner
     client = redis.Redis.from_url(url)  # drains the whole comparisons stream
     client.flushdb()
     client.close()

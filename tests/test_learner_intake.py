@@ -29,7 +29,7 @@ CONSUMER = "learner-test"
 
 @pytest.fixture
 def url(redis_server: RedisServer) -> str:
-    return redis_server.url.rsplit("/", 1)[0] + "/1"
+    return redis_server.db_url(1)
 
 
 @pytest.fixture

@@ -68,7 +68,7 @@ def submit(client: redis.Redis, start: int, n: int) -> list[str]:
 @pytest.fixture(scope="module")
 def env(tiny_model_dir: Path, redis_server, tmp_path_factory) -> Iterator[dict]:
     torch.set_num_threads(1)
-    url = redis_server.url.rsplit("/", 1)[0] + "/3"
+    url = redis_server.db_url(3)
     client = redis.Redis.from_url(url)
     client.flushdb()
     root = tmp_path_factory.mktemp("learner")

@@ -38,7 +38,7 @@ pytestmark = [
 
 def _db_url(redis_server: RedisServer) -> str:
     """Database 1, cleaned before and after, so other suites see nothing of ours."""
-    return redis_server.url.rsplit("/", 1)[0] + "/1"
+    return redis_server.db_url(1)
 
 
 def _free_port() -> int:

@@ -78,7 +78,7 @@ def _stop(proc: subprocess.Popen) -> None:
 def stack(tiny_model_dir: Path, redis_server: RedisServer,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """Redis db 11 holding 7 comparisons, `rlhf learn` and `rlhf ui`, started side by side."""
-    url = redis_server.url.rsplit("/", 1)[0] + "/11"
+    url = redis_server.db_url(11)
     client = redis.Redis.from_url(url)
     client.flushdb()
     comparisons.append_many(client, [comparison(i, who) for i, who in enumerate(LABELERS)])
