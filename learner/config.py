@@ -53,7 +53,9 @@ class LearnerConfig:
 
     rm_lr: float = _f(1e-3, "reward model: peak learning rate")
     rm_epochs: int = _f(1, "reward model: passes over all comparisons per iteration")
-    rm_batch: int = _f(16, "reward model: comparisons (all K candidates) per step")
+    rm_batch: int = _f(4, "reward model: comparisons (all K candidates) per step; in one "
+                       "epoch 4 beat 16 and 8 on held-out accuracy at the same s/epoch "
+                       "(learner.trl_bench rm: 0.98 vs 0.85 and 0.93)")
     rm_micro_batch: int = _f(4, "reward model: comparisons per forward/backward inside a "
                              "step (same gradient, less activation memory); 0 = whole step")
     rm_max_length: int = _f(512, "reward model: tokens per prompt+completion row")
