@@ -5,8 +5,8 @@
   after a crash), from XINFO GROUPS; ``depth`` = lag + pending is what the next drain reads.
 - ``labelers``: comparisons per labeler id. ``submitted`` is counted from the stream's
   ``labeler_id`` field, incrementally: the stream is append-only and never trimmed, so each
-  poll reads only the entries after the last one it counted. ``learned`` is counted from the
-  durable dataset, recounted only when its size changed (after a drain), not on every poll.
+  poll reads only the entries after the last one it counted. ``learned`` is the durable
+  dataset's own per-labeler count (kept as it loads and appends: no disk read per poll).
 - ``iterations``: the history (finished ones plus the running one) with the metrics the
   curves plot; a key an iteration did not log (e.g. a gold win rate outside simulations) is
   simply absent.
@@ -107,23 +107,6 @@ class StreamTally:
                     return dict(self.counts)
 
 
-class DatasetTally:
-    """Comparisons per labeler in the dataset, recounted only when its size changed."""
-
-    def __init__(self) -> None:
-        self.size = -1
-        self.counts: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def update(self, dataset: ComparisonDataset) -> dict[str, int]:
-        with self._lock:
-            size = len(dataset)
-            if size != self.size:  # a record appended while counting: recount next poll
-                self.counts = dict(Counter(r.labeler_id for r in dataset.iter_records()))
-                self.size = size
-            return dict(self.counts)
-
-
 def labeler_rows(submitted: Mapping[str, int], learned: Mapping[str, int]
                  ) -> dict[str, dict[str, int]]:
     """``{labeler: {submitted, learned}}`` over every labeler either side knows."""
@@ -152,7 +135,7 @@ class Dashboard:
 
     def __init__(self, client: redis.Redis, dataset: ComparisonDataset) -> None:
         self.client, self.dataset = client, dataset
-        self.submitted, self.learned = StreamTally(), DatasetTally()
+        self.submitted = StreamTally()
 
     def snapshot(self, history: Sequence[Mapping[str, Any]], running: Mapping[str, Any] | None,
                  limit: int = 100) -> dict[str, Any]:
@@ -169,5 +152,5 @@ class Dashboard:
                 "iterations": iterations,
                 "queue": queue_depth(self.client),
                 "labelers": labeler_rows(self.submitted.update(self.client),
-                                         self.learned.update(self.dataset)),
+                                         self.dataset.labeler_counts()),
                 "adapters": adapters}

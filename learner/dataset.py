@@ -21,6 +21,7 @@ import logging
 import os
 import struct
 import zlib
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -93,6 +94,7 @@ class ComparisonDataset:
         self.segment_bytes = segment_bytes
         self.readonly = readonly
         self._ids: set[str] = set()
+        self._labelers: Counter[str] = Counter()  # records per labeler id (operators' view)
         self._sizes: dict[Path, int] = {}  # valid bytes per segment, in order
         self._lock_fd: int | None = None
         self._file = None
@@ -130,7 +132,9 @@ class ComparisonDataset:
             for record in records:
                 if record.id in self._ids:
                     log.warning("dataset %s: id %s stored twice (ignored)", self.dir, record.id)
+                    continue
                 self._ids.add(record.id)
+                self._labelers[record.labeler_id] += 1
         log.info("dataset %s: %d records in %d segments", self.dir, len(self._ids),
                  len(self._sizes))
 
@@ -171,6 +175,7 @@ class ComparisonDataset:
         data = b"".join(frame(record) for record in fresh.values())
         self._write(data)
         self._ids.update(fresh)
+        self._labelers.update(record.labeler_id for record in fresh.values())
         return len(fresh)
 
     def _write(self, data: bytes) -> None:
@@ -218,6 +223,10 @@ class ComparisonDataset:
 
     def __contains__(self, record_id: object) -> bool:
         return record_id in self._ids
+
+    def labeler_counts(self) -> dict[str, int]:
+        """Records per labeler id (a copy; safe to call while another thread appends)."""
+        return dict(self._labelers)
 
     def ids(self) -> frozenset[str]:
         return frozenset(self._ids)

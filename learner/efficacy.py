@@ -26,15 +26,14 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import redis
-import torch
 
 from learner.config import LearnerConfig
 from learner.iteration import Learner, Progress
 from learner.ppo import POLICY
+from learner.samples import sample
 from rlhf import comparisons
 from rlhf.gold import (
     POLITE_MARKERS,
@@ -99,32 +98,13 @@ def draw_tasks(n: int, seed: int, fraction: float, heldout: bool) -> list[Task]:
 # -- sampling --------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def generate(learner: Learner, prompts: Sequence[str], seed: int, policy: bool,
              batch: int = 64) -> list[str]:
     """One sample per prompt from the policy adapter (``policy``) or the reference (the base
     with every adapter off), both at the PPO sampling temperature / top-p and length cap."""
-    peft, tok, cfg = learner.rm.peft, learner.loaded.tokenizer, learner.ppo_cfg
-    if policy:
-        peft.set_adapter(POLICY)  # each of the learner's forwards sets its own adapter again
-    side, tok.padding_side = tok.padding_side, "left"
-    torch.manual_seed(seed)
-    out: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch):
-            chunk = [tok.apply_chat_template([{"role": "user", "content": p}],
-                                             add_generation_prompt=True, tokenize=False)
-                     for p in prompts[start:start + batch]]
-            enc = tok(chunk, add_special_tokens=False, return_tensors="pt", padding=True)
-            enc = enc.to(learner.rm.device)
-            with nullcontext() if policy else peft.disable_adapter():
-                ids = peft.generate(**enc, do_sample=True, temperature=cfg.temperature,
-                                    top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens,
-                                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            out += tok.batch_decode(ids[:, enc["input_ids"].size(1):], skip_special_tokens=True)
-    finally:
-        tok.padding_side = side
-    return [text.strip() for text in out]
+    texts = sample(learner.rm, learner.loaded.tokenizer, learner.ppo_cfg, prompts, seed,
+                   POLICY if policy else None, batch)
+    return [text.strip() for text in texts]
 
 
 # -- labelling -------------------------------------------------------------------------------

@@ -39,15 +39,15 @@ import redis
 import torch
 
 from learner.config import LearnerConfig
+from learner.efficacy import label
 from learner.iteration import Learner, Progress
 from rlhf import comparisons
-from rlhf.gold import gold_ranks, gold_tasks
+from rlhf.gold import gold_tasks
 from rlhf.local_redis import private_redis
 from rlhf.modeling import load_model
 from rlhf.starter import ensure_starter_model
 from rlhf.starter_data import ANSWER_STYLES, render_answer
 from rlhf.v1 import feedback_pb2 as fb
-from rlhf.v1 import policy_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -146,16 +146,9 @@ class PeakMeter:
 def k4_records(n: int, seed: int) -> list[fb.Comparison]:
     """K = 4 answers in the four styles to gold tasks, ranked by the gold preference."""
     rng = random.Random(seed)
-    out = []
-    for i, task in enumerate(gold_tasks(n, seed)):
-        texts = [render_answer(task, style, rng) for style in ANSWER_STYLES]
-        rec = fb.Comparison(id=f"mem-{seed}-{i:05d}", labeler_id=f"sim-{i % 5}",
-                            messages=[pb.ChatMessage(role="user", content=task.prompt)])
-        for position, (text, rank) in enumerate(zip(texts, gold_ranks(task, texts),
-                                                    strict=True)):
-            rec.candidates.add(text=text, rank=rank, position=position, adapter_version="base")
-        out.append(rec)
-    return out
+    tasks = gold_tasks(n, seed)
+    answers = [[render_answer(t, style, rng) for style in ANSWER_STYLES] for t in tasks]
+    return label(tasks, answers, iteration=seed, labelers=5, seed=seed, version="base")
 
 
 def _persistent_extra(learner: Learner) -> int:

@@ -170,11 +170,9 @@ def make_ppo_state(base: nn.Module, tokenizer, cfg: PPOConfig, rm: RewardModel |
 def value_head_from_rm(state: PPOState, rm: RewardModel) -> None:
     """InstructGPT: the value function starts from the RM. Head weight and the calibrated
     offset (``rm.head.bias + rm.bias``), so V starts near the reward the episode will get.
-    Any Adam moments of the head are dropped (they belonged to the values it replaces)."""
+    Called once, when the PPO state is made (later iterations keep the fitted head)."""
     state.value_head.weight.copy_(rm.head.weight)
     state.value_head.bias.copy_(rm.head.bias + rm.bias)
-    for p in state.value_head.parameters():
-        state.optimizer.state.pop(p, None)
 
 
 def _activate(state: PPOState, adapter: str) -> None:

@@ -4,6 +4,7 @@ the evaluate phase of an iteration compare (learner/iteration.py)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 
@@ -12,26 +13,38 @@ from learner.reward_model import Encoded, RewardModel, RMConfig, collate, encode
 
 
 @torch.no_grad()
-def reference_samples(rm: RewardModel, tok, cfg: PPOConfig, prompts: Sequence[str], seed: int
-                      ) -> list[tuple[str, str]]:
-    """(prompt, sample) of the reference policy: the base with every adapter off, sampled
-    the way PPO samples (temperature, top-p, no top-k)."""
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}],
-                                     add_generation_prompt=True, tokenize=False)
-             for p in prompts]
+def sample(rm: RewardModel, tok, cfg: PPOConfig, prompts: Sequence[str], seed: int,
+           adapter: str | None = None, batch: int = 64) -> list[str]:
+    """One sample per prompt (one user turn each), sampled the way PPO samples (temperature,
+    top-p, no top-k, its length cap), ``batch`` prompts per generate call: from ``adapter``
+    on the shared base, or with ``adapter`` None from the reference (every adapter off)."""
+    peft = rm.peft
+    if adapter is not None:
+        peft.set_adapter(adapter)  # every forward of the learner sets its own adapter again
     side, tok.padding_side = tok.padding_side, "left"
+    torch.manual_seed(seed)
+    out: list[str] = []
     try:
-        batch = tok(texts, add_special_tokens=False, return_tensors="pt", padding=True)
+        for start in range(0, len(prompts), batch):
+            texts = [tok.apply_chat_template([{"role": "user", "content": p}],
+                                             add_generation_prompt=True, tokenize=False)
+                     for p in prompts[start:start + batch]]
+            enc = tok(texts, add_special_tokens=False, return_tensors="pt", padding=True)
+            enc = enc.to(rm.device)
+            with nullcontext() if adapter is not None else peft.disable_adapter():
+                ids = peft.generate(**enc, do_sample=True, temperature=cfg.temperature,
+                                    top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens,
+                                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            out += tok.batch_decode(ids[:, enc["input_ids"].size(1):], skip_special_tokens=True)
     finally:
         tok.padding_side = side
-    batch = batch.to(rm.device)
-    torch.manual_seed(seed)
-    with rm.peft.disable_adapter():
-        out = rm.peft.generate(**batch, do_sample=True, temperature=cfg.temperature,
-                               top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens,
-                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    answers = tok.batch_decode(out[:, batch["input_ids"].size(1):], skip_special_tokens=True)
-    return list(zip(prompts, answers, strict=True))
+    return out
+
+
+def reference_samples(rm: RewardModel, tok, cfg: PPOConfig, prompts: Sequence[str], seed: int
+                      ) -> list[tuple[str, str]]:
+    """(prompt, sample) of the reference policy: the base with every adapter off."""
+    return list(zip(prompts, sample(rm, tok, cfg, prompts, seed), strict=True))
 
 
 @torch.no_grad()

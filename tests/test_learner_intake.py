@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -88,10 +89,13 @@ def test_drain_stores_each_record_once_acks_it_and_round_trips(r, url, tmp_path)
         assert intake.drain().read == 0 and pending(r) == 0
         intake.close()
         assert ds.load_all() == records  # exactly, in stream order
+        by_labeler = dict(Counter(c.labeler_id for c in records))
+        assert len(by_labeler) > 1 and ds.labeler_counts() == by_labeler  # kept on append
     segments = sorted((tmp_path / "ds").glob("comparisons-*.bin"))
     assert len(segments) > 3 and segments[0].name == "comparisons-000001.bin"
     with ComparisonDataset(tmp_path / "ds") as again:
         assert again.load_all() == records and again.ids() == {c.id for c in records}
+        assert again.labeler_counts() == by_labeler  # rebuilt on load
         assert ComparisonDataset(tmp_path / "ds", readonly=True).load_all() == records
 
 
@@ -117,6 +121,7 @@ def test_duplicates_by_id_are_stored_once(r, url, tmp_path):
         assert (later.read, later.stored, later.duplicates, later.acked) == (1, 0, 1, 1)
         intake.close()
         assert_exactly_once(ds, [once, twice])
+        assert sum(ds.labeler_counts().values()) == 2  # a duplicate is not counted again
     assert pending(r) == 0
 
 
