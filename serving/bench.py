@@ -260,6 +260,10 @@ def _min_new(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["serving"] and any(a.split("=")[0] == "--against" for a in argv):
+        from serving.vllm_bench import main as against_main  # its own flags: --help
+
+        return against_main(argv[1:])
     if argv[:1] == ["feedback"]:  # its own flags: rlhf bench feedback --help
         from serving.feedback_bench import main as feedback_main
 

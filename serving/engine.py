@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from serving.adapters import AdapterManager
-from serving.kvbatch import KVBatch
+from serving.kvcache import SlotKV
 from serving.sampling import sample_next
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ class Engine:
         self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self._cond = threading.Condition()
         self._rows: list[_Row] = []
-        self._batch: KVBatch | None = None
+        self._kv = SlotKV()
         self._positions = torch.zeros(0, dtype=torch.long)
         self._last = torch.zeros(0, dtype=torch.long)
         self._stopping = False
@@ -309,15 +309,10 @@ class Engine:
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         logits, cache = self._forward(ids, mask, positions, None, [h.adapter for h in group])
         repeat = torch.tensor([i for i, h in enumerate(group) for _ in range(h.n)])
-        fresh = KVBatch(cache, mask.to(self.device))
-        fresh.select(repeat.to(self.device))
         rows = [_Row(h, k, random.Random(h.seeds[k])) for h in group for k in range(h.n)]
         first = self._sample(logits.index_select(0, repeat.to(logits.device)), rows)
         lengths = torch.tensor([len(h.prompt_ids) for h in group]).index_select(0, repeat)
-        if self._batch is None:
-            self._batch = fresh
-        else:
-            self._batch.extend(fresh)
+        self._kv.admit(cache, mask.to(self.device), repeat.to(self.device))
         self._rows.extend(rows)
         self._positions = torch.cat([self._positions, lengths])
         self._last = torch.cat([self._last, first])
@@ -327,10 +322,9 @@ class Engine:
         self._emit(rows, first.tolist())
 
     def _decode(self) -> None:
-        assert self._batch is not None
-        mask = self._batch.grow()
+        mask = self._kv.grow()
         logits, _ = self._forward(self._last[:, None], mask, self._positions[:, None],
-                                  self._batch.cache, [r.handle.adapter for r in self._rows])
+                                  self._kv.cache, [r.handle.adapter for r in self._rows])
         nxt = self._sample(logits, self._rows)
         self._positions = self._positions + 1
         self._last = nxt
@@ -416,20 +410,14 @@ class Engine:
             self._retire()
 
     def _retire(self) -> None:
-        keep = [i for i, r in enumerate(self._rows) if r.finish is None]
+        gone = [i for i, r in enumerate(self._rows) if r.finish is not None]
         for r in self._rows:
             if r.finish is not None and r.handle.released is False and all(
                     o.finish is not None for o in self._rows if o.handle is r.handle):
                 self._release(r.handle)
-        self._rows = [self._rows[i] for i in keep]
-        if not keep:
-            self._batch = None
-            self._positions = self._positions[:0]
-            self._last = self._last[:0]
-            return
-        idx = torch.tensor(keep)
-        assert self._batch is not None
-        self._batch.select(idx.to(self._batch.mask.device))
+        order = self._kv.remove(gone)  # the last rows move into the freed slots
+        self._rows = [self._rows[i] for i in order]
+        idx = torch.tensor(order, dtype=torch.long)
         self._positions = self._positions.index_select(0, idx)
         self._last = self._last.index_select(0, idx)
 
@@ -440,7 +428,8 @@ class Engine:
 
     def _fail_all(self, exc: BaseException, extra: list[RequestHandle]) -> None:
         handles = {r.handle for r in self._rows} | set(extra)
-        self._rows, self._batch = [], None
+        self._rows = []
+        self._kv.clear()
         self._positions, self._last = self._positions[:0], self._last[:0]
         for h in handles:
             self._release(h)

@@ -125,3 +125,41 @@ def test_a_cancelled_waiting_request_frees_its_queue_place(loaded):
         assert asyncio.run(main()) == "ok"
     finally:
         engine.stop()
+
+
+def test_rows_leaving_and_longer_prompts_joining_decode_exactly_as_alone(loaded):
+    """Rows finish at different steps (their slots are refilled by other rows) while
+    longer prompts join later; every row still decodes as it would alone, n=2 included."""
+    texts = ("hi", "Sort these numbers: 9 4 7 1 3 8 2 6 5", "What is 12 + 30?",
+             "Reverse these words: red green blue yellow orange purple black white")
+    prompts = [_prompt(loaded, t) for t in texts]
+    lengths = [5, 30, 9, 17]
+    expected = []
+    for ids, steps in zip(prompts, lengths, strict=True):
+        out = loaded.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=steps,
+                                    min_new_tokens=steps,
+                                    pad_token_id=loaded.tokenizer.pad_token_id)
+        expected.append(loaded.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
+    engine = Engine(loaded.tokenizer, adapters=AdapterManager(loaded.model),
+                    eos_token_ids=loaded.eos_token_ids, context_length=loaded.context_length,
+                    max_batch_size=8, max_queue=8, threads=1)
+    engine.start()
+
+    async def run_one(i: int) -> list[str]:
+        await asyncio.sleep(0.02 * i)  # later (and longer) prompts join a running batch
+        handle = engine.submit(f"r{i}", prompts[i], 2,
+                               Sampling(lengths[i], temperature=0.0, min_new_tokens=lengths[i]))
+        out = ["", ""]
+        async for events in handle:
+            for e in events:
+                out[e.index] += e.text
+        return out
+
+    async def main() -> list[list[str]]:
+        return await asyncio.gather(*[run_one(i) for i in range(len(prompts))])
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        engine.stop()
+    assert got == [[e, e] for e in expected]
