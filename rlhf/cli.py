@@ -32,6 +32,17 @@ def _config(argv: Sequence[str], cls: type, prog: str, what: str, prefix: str):
     return config
 
 
+def _omp_wait_policy(policy: str) -> None:
+    """libgomp reads OMP_WAIT_POLICY once, when torch loads it: set it before that."""
+    if policy == "default" or "OMP_WAIT_POLICY" in os.environ:
+        return
+    if "torch" in sys.modules:
+        logging.getLogger("rlhf.serve").warning(
+            "torch is already loaded; omp_wait_policy=%s has no effect", policy)
+        return
+    os.environ["OMP_WAIT_POLICY"] = policy.upper()
+
+
 def _serve(argv: Sequence[str]) -> int:
     import asyncio
 
@@ -40,6 +51,7 @@ def _serve(argv: Sequence[str]) -> int:
 
     config = _config(argv, ServingConfig, "rlhf serve",
                      "Run the policy server (gRPC + OpenAI-compatible HTTP).", "RLHF_SERVE_")
+    _omp_wait_policy(config.omp_wait_policy)
     asyncio.run(serve(config))
     return 0
 

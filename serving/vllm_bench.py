@@ -165,13 +165,16 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--before-root", default="",
                    help="also run `rlhf serve` from this other checkout (e.g. the previous "
                         "commit, `git archive`d): before/after figures under the same load")
+    p.add_argument("--vllm-url", default="",
+                   help="use this already running vLLM server (same model, threads, dtype) "
+                        "instead of starting one")
     p.add_argument("--startup-timeout", type=float, default=900.0)
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     bad = [s for s in args.shapes if s not in ("fixed", "natural", "n4")]
     if bad:
         p.error(f"--shapes: unknown {bad}; choose from fixed, natural, n4")
-    if args.against == "vllm" and not Path(args.vllm_python).exists():
+    if args.against == "vllm" and not args.vllm_url and not Path(args.vllm_python).exists():
         p.error(f"{args.vllm_python} is missing: run deploy/bench-env-vllm.sh first")
     return args
 
@@ -183,7 +186,7 @@ async def _run(model_dir: str, args: argparse.Namespace) -> tuple[list[dict], di
         plan = [("ours", lambda: ours_cmd(model_dir, args))]
         if args.before_root:
             plan.append(("before", lambda: ours_cmd(model_dir, args, args.before_root)))
-        if args.against == "vllm":
+        if args.against == "vllm" and not args.vllm_url:
             plan.append(("vllm", lambda: vllm_cmd(model_dir, args)))
         commands = {}
         for name, make in plan:  # one at a time: startup is CPU-heavy
@@ -192,6 +195,10 @@ async def _run(model_dir: str, args: argparse.Namespace) -> tuple[list[dict], di
             base, alive = stack.enter_context(_child(cmd, env, name))
             model = await wait_ready(base, args.startup_timeout, alive)
             servers[name] = (base, model)
+        if args.against == "vllm" and args.vllm_url:
+            commands["vllm"] = f"already running at {args.vllm_url}"
+            url = args.vllm_url.rstrip("/")
+            servers["vllm"] = (url, await wait_ready(url, args.startup_timeout, lambda: True))
         return await _levels(servers, prompts, args), commands
 
 
