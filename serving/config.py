@@ -18,11 +18,6 @@ class ServingConfig:
     device: str = _f("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     dtype: str = _f("auto", "float32, bfloat16, float16 or auto (float32 on CPU, bf16 on GPU)")
     threads: int = _f(0, "torch threads for the decode loop; 0 = torch's default")
-    omp_wait_policy: str = _f("passive", "what idle OpenMP threads do between parallel regions: "
-                              "passive (sleep: best when the cores are shared or busy), "
-                              "active (spin: lowest latency on dedicated cores) or default "
-                              "(libgomp's own, spin then sleep); an OMP_WAIT_POLICY already "
-                              "in the environment wins")
 
     host: str = _f("127.0.0.1", "interface both servers bind to")
     grpc_port: int = _f(50051, "gRPC port (0 = pick a free one)")
@@ -66,8 +61,6 @@ class ServingConfig:
             problems.append("keep_versions must be >= 1")
         if not self.registry_poll_s > 0:
             problems.append("registry_poll_s must be > 0")
-        if self.omp_wait_policy not in ("passive", "active", "default"):
-            problems.append("omp_wait_policy must be passive, active or default")
         if bool(self.tls_cert) != bool(self.tls_key):
             problems.append("tls_cert and tls_key go together")
         if problems:
