@@ -82,6 +82,7 @@ def vllm_cmd(model_dir: str, args: argparse.Namespace) -> tuple[list[str], dict[
     env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{args.threads - 1}",
            "VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_gib),
            "OMP_NUM_THREADS": str(args.threads), "VLLM_LOGGING_LEVEL": "WARNING"}
+    env |= dict(kv.split("=", 1) for kv in args.vllm_env)
     return ([str(args.vllm_python), "-m", "vllm.entrypoints.openai.api_server",
              "--model", model_dir, "--dtype", args.dtype, "--host", "127.0.0.1",
              "--port", "{port}", "--max-model-len", str(args.max_model_len),
@@ -165,12 +166,17 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--before-root", default="",
                    help="also run `rlhf serve` from this other checkout (e.g. the previous "
                         "commit, `git archive`d): before/after figures under the same load")
+    p.add_argument("--vllm-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment for the vLLM server (repeatable), e.g. "
+                        "OMP_WAIT_POLICY=PASSIVE as `rlhf serve` sets for itself")
     p.add_argument("--vllm-url", default="",
                    help="use this already running vLLM server (same model, threads, dtype) "
                         "instead of starting one")
     p.add_argument("--startup-timeout", type=float, default=900.0)
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
+    if any("=" not in kv for kv in args.vllm_env):
+        p.error("--vllm-env takes KEY=VALUE")
     bad = [s for s in args.shapes if s not in ("fixed", "natural", "n4")]
     if bad:
         p.error(f"--shapes: unknown {bad}; choose from fixed, natural, n4")
