@@ -281,11 +281,15 @@ class Engine:
         return taken
 
     def _step(self, admitted: list[RequestHandle]) -> None:
+        """Prefill the admitted requests, then one decode step of every row; finished rows
+        leave between the phases (outside them: leaving moves cache rows in place)."""
         self._drop_expired_and_cancelled()
         if admitted:
             self._prefill(admitted)
+            self._retire_finished()
         if self._rows:
             self._decode()
+            self._retire_finished()
         self.steps += 1
         if self.on_step is not None:
             self.on_step(self.stats())
@@ -354,8 +358,6 @@ class Engine:
             if event is not None:
                 out.setdefault(row.handle, []).append(event)
         self._deliver(out)
-        if any(r.finish is not None for r in self._rows):
-            self._retire()
 
     def _advance(self, row: _Row, tok: int) -> Event | None:
         h, s = row.handle, row.handle.sampling
@@ -406,6 +408,9 @@ class Engine:
                 _push_threadsafe(h, DeadlineExceeded("the request's deadline passed"))
             if h.cancelled and row.finish is None:
                 row.finish = "cancelled"
+        self._retire_finished()
+
+    def _retire_finished(self) -> None:
         if any(r.finish is not None for r in self._rows):
             self._retire()
 

@@ -184,8 +184,43 @@ class SlotKV:
         used = self.mask.any(dim=0).nonzero()
         self.start += int(used[0]) if used.numel() else self.width
 
+    def snapshot(self) -> tuple:
+        """What ``restore`` needs to undo later ``admit``/``grow``/forward writes: they only
+        write outside the live view (or into new buffers). ``remove`` moves rows inside it,
+        so the engine retires rows outside the phases it may roll back."""
+        return (self.rows, self.start, self.end, self._mask,
+                [(layer.kbuf, layer.vbuf) for layer in self.layers])
+
+    def restore(self, state: tuple) -> None:
+        self.rows, self.start, self.end, self._mask, bufs = state
+        for layer, (k, v) in zip(self.layers, bufs, strict=False):
+            layer.kbuf, layer.vbuf = k, v
+        self.layers = self.layers[:len(bufs)]
+        self.cache = Cache(layers=self.layers) if self.layers else None
+        self._refresh()
+
+    def take(self, rows: torch.Tensor) -> SlotKV:
+        """A new SlotKV holding copies of ``rows`` (this one is unchanged)."""
+        out = SlotKV()
+        if self.rows and len(rows):
+            out.admit(_View(self.layers), self.mask, rows)
+        return out
+
+    def extend(self, other: SlotKV) -> None:
+        """Append ``other``'s rows after these (copied; ``other`` is unchanged)."""
+        if other.rows:
+            self.admit(_View(other.layers), other.mask,
+                       torch.arange(other.rows, device=other.mask.device))
+
     def clear(self) -> None:
         self.rows = 0
         self.start = self.end
         if self.layers:
             self._refresh()
+
+
+class _View:
+    """The live K/V views of some SlotKV layers, shaped like a prefill cache for ``admit``."""
+
+    def __init__(self, layers: list[SlotLayer]) -> None:
+        self.layers = layers

@@ -96,3 +96,23 @@ def test_an_emptied_batch_takes_new_rows_from_scratch():
     _check(kv, [[5], [9, 8, 7, 6]])
     kv.clear()
     assert kv.rows == 0 and kv.width == 0
+
+
+def test_take_extend_and_restore_keep_rows_exact():
+    kv = SlotKV()
+    cache, mask = _prefill([[1, 2, 3], [4], [5, 6]])
+    kv.admit(cache, mask, torch.tensor([0, 1, 2]))
+    _step(kv, [7, 8, 9])
+    rows = [[1, 2, 3, 7], [4, 8], [5, 6, 9]]
+    part = kv.take(torch.tensor([2, 0]))  # copies: kv itself is unchanged
+    _check(part, [rows[2], rows[0]])
+    _check(kv, rows)
+    state = kv.snapshot()
+    _step(kv, [10, 11, 12])
+    cache, mask = _prefill([list(range(20, 120))])
+    kv.admit(cache, mask, torch.tensor([0]))  # long: the buffers reallocate
+    kv.restore(state)  # as if neither had happened
+    _check(kv, rows)
+    _step(part, [13, 14])
+    kv.extend(part)
+    _check(kv, [*rows, rows[2] + [13], rows[0] + [14]])
