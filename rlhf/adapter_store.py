@@ -30,6 +30,8 @@ from typing import Any
 
 import redis
 
+from rlhf.adapter_checks import fingerprint, weight_problems
+
 VERSIONS = "rlhf:adapters:versions"
 ORDER = "rlhf:adapters:order"
 SEQ = "rlhf:adapters:seq"
@@ -126,6 +128,7 @@ def publish(store: str | Path, version: str, adapter: str | Path | Any, *, paren
     tmp.mkdir()
     try:
         _write_adapter(adapter, tmp)
+        check_weights(tmp)  # the learner never publishes NaN or exploded weights
         for name in ADAPTER_FILES:
             fsync_path(tmp / name)
         fsync_path(tmp)
@@ -146,8 +149,31 @@ def publish(store: str | Path, version: str, adapter: str | Path | Any, *, paren
     return manifest
 
 
+def check_weights(folder: Path) -> None:
+    """Raise ``AdapterRejected`` unless the adapter's files parse and every weight is
+    finite and within the bounds of ``rlhf/adapter_checks.py``."""
+    from safetensors.torch import load_file
+
+    try:
+        json.loads((folder / CONFIG_FILE).read_text())
+        tensors = load_file(str(folder / WEIGHTS_FILE))
+    except Exception as exc:  # SafetensorError, OSError, JSON: any unreadable file
+        raise AdapterRejected("load_error", f"{folder.name}: unreadable adapter files "
+                              f"({type(exc).__name__}: {exc})") from None
+    problems = weight_problems(tensors)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise AdapterRejected("values", f"{folder.name}: {problems[0]}{more}")
+
+
+def version_fingerprint(store: str | Path, version: str) -> tuple:
+    """Changes whenever a file of ``STORE/<version>`` is written or replaced."""
+    return fingerprint(Path(store) / version, (MANIFEST_FILE, *ADAPTER_FILES))
+
+
 def verify(store: str | Path, version: str, expected_base_model: str) -> Manifest:
-    """Re-hash ``STORE/<version>`` against its manifest; raises ``AdapterRejected``."""
+    """Re-hash ``STORE/<version>`` against its manifest and check its weights' values;
+    raises ``AdapterRejected``."""
     folder = Path(store) / version
     try:
         manifest = Manifest.from_json((folder / MANIFEST_FILE).read_text())
@@ -168,6 +194,7 @@ def verify(store: str | Path, version: str, expected_base_model: str) -> Manifes
         if sha256_file(folder / name) != expected:
             raise AdapterRejected("checksum", f"{version}: sha256 of {name} does not match "
                                   "its manifest")
+    check_weights(folder)
     return manifest
 
 
@@ -209,23 +236,29 @@ def register(client: redis.Redis, manifest: Manifest, make_current: bool = True)
 
 
 def set_current(client: redis.Redis, version: str) -> None:
-    """Point new requests of every replica at ``version`` (promote or roll back)."""
+    """Point new requests of every replica at ``version`` without checking its files (the
+    low-level step; operators go through ``switch_current``)."""
     if version != "base" and client.zscore(VERSIONS, version) is None:
         raise KeyError(f"adapter version {version!r} is not registered")
     client.set(CURRENT, version)
     _announce(client, "current", version)
 
 
-def switch_current(client: redis.Redis, version: str, store_dir: str | Path = "") -> str | None:
+def switch_current(client: redis.Redis, version: str, store_dir: str | Path) -> str | None:
     """Promote or roll back every replica to ``version``; returns the previous current.
 
-    Raises KeyError when the version is not registered and AdapterRejected when its files
-    in ``store_dir`` (checked when given) fail verification, so no replica is sent to it.
+    The files are always verified first (checksums, base model, weight values), so no
+    replica is sent to a version it would refuse. Raises KeyError when the version is not
+    registered, ValueError when no store is given to verify against, and AdapterRejected
+    when verification fails. The "current" event it sends makes every replica re-check
+    the version even if it refused it before.
     """
     manifest = get_manifest(client, version)
     if manifest is None and version != "base":
         raise KeyError(f"adapter version {version!r} is not registered")
-    if store_dir and manifest is not None:
+    if manifest is not None:
+        if not str(store_dir):
+            raise ValueError(f"cannot verify {version} without the adapter store directory")
         verify(store_dir, version, manifest.base_model)
     previous = current(client)
     set_current(client, version)
