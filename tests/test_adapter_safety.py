@@ -163,7 +163,7 @@ def test_a_repaired_version_goes_live_and_a_promote_always_rechecks(env, tmp_pat
     time.sleep(1.5)  # five polls: still refused, logged and counted once
     assert current(stub) == good
     assert rejected(server)[(fixed.version, "checksum")] == 1.0
-    assert len(log_lines(server, f"adapter {fixed.version} refused (checksum)")) == 1
+    assert len(log_lines(server, f"adapter {fixed.version} refused (checksum")) == 1
 
     weights.write_bytes(original)  # the operator repairs the file, then promotes it
     started = time.monotonic()
@@ -300,7 +300,7 @@ def test_a_fresh_replica_serves_the_newest_good_version_and_says_degraded(env, t
     try:
         with grpc.insecure_channel(fresh.grpc_target) as channel:
             fresh_stub = pbg.PolicyStub(channel)
-            for srv, s in ((server, stub), (fresh, fresh_stub)):
+            for srv, s in ((fresh, fresh_stub), (server, stub)):
                 assert current(s) == good, "fresh and old replicas serve the same version"
                 status = healthz(srv)["adapter_status"]
                 assert status["degraded"] is True
