@@ -177,6 +177,9 @@ class AdapterManager:
                 self.model.delete_adapter(version)
             except Exception:  # a half-loaded adapter; nothing routes to it
                 log.exception("could not remove the half-loaded adapter %s", version)
+            if not self.model.peft_config:
+                # A PeftModel without adapters cannot run forward: back to the bare model.
+                self.model = self.model.unload()
         self._active = None
 
     def unload(self, version: str) -> bool:

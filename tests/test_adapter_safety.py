@@ -36,7 +36,7 @@ from rlhf.modeling import load_model
 from rlhf.v1 import policy_pb2 as pb
 from rlhf.v1 import policy_pb2_grpc as pbg
 from serving.adapters import AdapterManager
-from serving.canary import canary_problem
+from serving.canary import canary_problem, greedy_probe
 from serving.registry import walk_back
 from tests.conftest import ROOT, RedisServer, ServerProcess
 from tests.test_hot_swap import Maker, _corrupt, _wrong_shapes, greedy, wait_live
@@ -245,6 +245,7 @@ def test_the_canary_refuses_weights_that_wreck_generation(env, tmp_path):
     """Weights that slip past the static checks (here: skipped) still never go live."""
     maker = env["maker"]
     manager = AdapterManager(load_model(maker.base).model, keep_versions=2)
+    base_tokens = greedy_probe(manager.model, manager.canary_prompt_ids)
     src = tmp_path / "nan"
     src.mkdir()
     maker.randomize(60)
@@ -254,6 +255,8 @@ def test_the_canary_refuses_weights_that_wreck_generation(env, tmp_path):
         manager.load("nan", src, checked=True)
     assert caught.value.reason == "canary" and "non-finite" in caught.value.detail
     assert manager.loaded() == ["base"]
+    assert greedy_probe(manager.model, manager.canary_prompt_ids) == base_tokens, \
+        "after a refusal the base model still runs, unchanged"
     with pytest.raises(AdapterRejected, match="values"):
         manager.load("nan", src)  # unchecked: the value check comes first
     manager.load("v1", env["store"] / "v1")  # a good one still loads beside base
