@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -43,6 +44,8 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MANIFEST_FILE = "manifest.json"
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+# A version names a directory of the store: no path separators, no leading dot, no "..".
+_VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class AdapterRejected(Exception):
@@ -174,6 +177,9 @@ def version_fingerprint(store: str | Path, version: str) -> tuple:
 def verify(store: str | Path, version: str, expected_base_model: str) -> Manifest:
     """Re-hash ``STORE/<version>`` against its manifest and check its weights' values;
     raises ``AdapterRejected``."""
+    if not _VERSION_NAME.fullmatch(version) or ".." in version:
+        raise AdapterRejected("name", f"{version!r} is not a valid version name (letters, "
+                              "digits, '.', '_', '-'; at most 64; no '..')")
     folder = Path(store) / version
     try:
         manifest = Manifest.from_json((folder / MANIFEST_FILE).read_text())

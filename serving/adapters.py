@@ -124,7 +124,7 @@ class AdapterManager:
         Raises AdapterRejected when the files do not parse or fit the model, the weights
         are not sane, PEFT refuses them or the canary fails; nothing stays loaded then.
         """
-        if not VERSION_RE.match(version) or version == BASE:
+        if not VERSION_RE.fullmatch(version) or version == BASE:
             raise ValueError(f"invalid adapter version name {version!r}")
         from peft import PeftModel
 

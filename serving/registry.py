@@ -155,7 +155,10 @@ class RegistryFollower:
     def _load(self, version: str, forced: bool = False) -> bool:
         """Verify and load ``version`` beside the current one; False if refused. A version
         refused before is tried again only if its files changed or ``forced``."""
-        fingerprint = store.version_fingerprint(self.store_dir, version)
+        try:
+            fingerprint = store.version_fingerprint(self.store_dir, version)
+        except ValueError:  # e.g. a NUL byte in a hostile registry entry
+            fingerprint = ()
         prior = self.refused.get(version)
         if prior is not None and not forced:
             if prior.fingerprint == fingerprint:

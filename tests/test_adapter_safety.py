@@ -209,6 +209,27 @@ def test_broken_safetensors_with_a_valid_checksum_is_refused_and_logged_once(env
     assert out.returncode == 1 and "load_error" in out.stderr
 
 
+def test_a_registry_entry_cannot_point_outside_the_store(env):
+    """A version name is a directory of the store: "../x" is refused (reason "name",
+    counted, no traceback) even when the files it points at would verify."""
+    server, stub = env["server"], env["stub"]
+    good = current(stub)
+    outside = env["store"].parent / "outside"
+    shutil.copytree(env["store"] / good, outside)
+    manifest = store.Manifest.from_json((outside / store.MANIFEST_FILE).read_text())
+    manifest = store.Manifest(**{**manifest.__dict__, "version": "../outside"})
+    (outside / store.MANIFEST_FILE).write_text(manifest.to_json())
+    store.register(env["client"], manifest)
+    wait_for(lambda: ("../outside", "name") in rejected_any(server), 10, "name refusal")
+    assert current(stub) == good
+    assert not log_lines(server, "Traceback"), "".join(server.stderr_lines[-30:])
+
+
+def rejected_any(server: ServerProcess) -> set[tuple[str, str]]:
+    pattern = r'^rlhf_serving_adapter_rejected_total\{reason="(\w+)",version="([^"]+)"\} '
+    return {(v, r) for r, v in re.findall(pattern, metrics(server), re.M)}
+
+
 # -- finding 4: NaN and exploded weights; the canary -----------------------------------
 
 
