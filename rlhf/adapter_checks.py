@@ -10,7 +10,9 @@ magnitude. A factor entry beyond ``MAX_ABS`` (16) or a root-mean-square beyond `
 (4, i.e. a Frobenius norm above 4 * sqrt(numel) for the tensor's shape) means the run
 diverged or the file was tampered with: with those weights the adapter's update swamps
 the base model's activations (and in float16 overflows), so every answer turns into the
-same garbage. A non-finite entry (NaN, inf) is always refused.
+same garbage. A non-finite entry (NaN, inf) is always refused. The config's scale
+(``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA) multiplies the whole update; recipes use
+1 to 4 (our learner: 2), so a scale beyond ``MAX_SCALE`` (64) is refused the same way.
 """
 
 from __future__ import annotations
@@ -26,6 +28,23 @@ if TYPE_CHECKING:  # torch is imported where tensors are checked: `rlhf adapters
 
 MAX_ABS = 16.0
 MAX_RMS = 4.0
+MAX_SCALE = 64.0
+
+
+def config_problem(config: object, max_scale: float = MAX_SCALE) -> str | None:
+    """Why an ``adapter_config.json`` must not be served, or None (pure)."""
+    if not isinstance(config, dict):
+        return "adapter_config.json is not a JSON object"
+    r, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        return f"adapter_config.json: r must be a positive integer, got {r!r}"
+    if (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+            or not math.isfinite(alpha) or alpha <= 0):
+        return f"adapter_config.json: lora_alpha must be a positive number, got {alpha!r}"
+    scale = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+    if scale > max_scale:
+        return f"adapter_config.json: scale lora_alpha/r = {scale:.3g} > {max_scale:g}"
+    return None
 
 
 def tensor_problem(name: str, tensor: torch.Tensor, max_abs: float = MAX_ABS,

@@ -31,7 +31,7 @@ from typing import Any
 
 import redis
 
-from rlhf.adapter_checks import fingerprint, weight_problems
+from rlhf.adapter_checks import config_problem, fingerprint, weight_problems
 
 VERSIONS = "rlhf:adapters:versions"
 ORDER = "rlhf:adapters:order"
@@ -158,11 +158,14 @@ def check_weights(folder: Path) -> None:
     from safetensors.torch import load_file
 
     try:
-        json.loads((folder / CONFIG_FILE).read_text())
+        config = json.loads((folder / CONFIG_FILE).read_text())
         tensors = load_file(str(folder / WEIGHTS_FILE))
     except Exception as exc:  # SafetensorError, OSError, JSON: any unreadable file
         raise AdapterRejected("load_error", f"{folder.name}: unreadable adapter files "
                               f"({type(exc).__name__}: {exc})") from None
+    problem = config_problem(config)
+    if problem is not None:
+        raise AdapterRejected("values", f"{folder.name}: {problem}")
     problems = weight_problems(tensors)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -185,19 +188,27 @@ def verify(store: str | Path, version: str, expected_base_model: str) -> Manifes
         manifest = Manifest.from_json((folder / MANIFEST_FILE).read_text())
     except FileNotFoundError:
         raise AdapterRejected("missing_file", f"{folder / MANIFEST_FILE} not found") from None
-    except (ValueError, TypeError) as exc:
+    except (OSError, ValueError, TypeError) as exc:
         raise AdapterRejected("manifest", f"unreadable manifest in {folder}: {exc}") from None
+    if not (isinstance(manifest.files, dict)
+            and all(isinstance(v, str) for v in manifest.files.values())):
+        raise AdapterRejected("manifest", f"{folder}: manifest 'files' must map file names "
+                              "to sha256 hex strings")
     if manifest.version != version:
         raise AdapterRejected("manifest", f"{folder} holds version {manifest.version!r}")
     if manifest.base_model != expected_base_model:
         raise AdapterRejected("base_model", f"{version} was trained on "
                               f"{manifest.base_model!r}, this server runs "
                               f"{expected_base_model!r}")
-    for name in ADAPTER_FILES:
+    for name in ADAPTER_FILES:  # only these are read: a manifest cannot point elsewhere
         if name not in manifest.files or not (folder / name).is_file():
             raise AdapterRejected("missing_file", f"{version}: {name} is missing")
-    for name, expected in manifest.files.items():
-        if sha256_file(folder / name) != expected:
+        try:
+            digest = sha256_file(folder / name)
+        except OSError as exc:
+            raise AdapterRejected("load_error", f"{version}: cannot read {name}: {exc}") \
+                from None
+        if digest != manifest.files[name]:
             raise AdapterRejected("checksum", f"{version}: sha256 of {name} does not match "
                                   "its manifest")
     check_weights(folder)

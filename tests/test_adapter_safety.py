@@ -4,15 +4,17 @@ adapters; bad versions come from tests/adapter_kit.py."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
 from rlhf import adapter_store as store
-from rlhf.adapter_checks import tensor_problem, weight_problems
+from rlhf.adapter_checks import config_problem, tensor_problem, weight_problems
 from rlhf.adapter_store import AdapterRejected
 from rlhf.modeling import load_model
 from serving.adapters import AdapterManager
@@ -125,7 +127,8 @@ def test_nan_and_huge_weights_are_never_published_nor_served(env, tmp_path):
     text_before, _ = greedy(stub)
     nan = store_unchecked(env, 50, scale_weights(1.0, float("nan")), tmp_path)
     huge = store_unchecked(env, 51, scale_weights(1e4), tmp_path)
-    for version in (nan.version, huge.version):
+    amplified = store_unchecked(env, 54, set_alpha(1e4), tmp_path)  # sane weights, x1250
+    for version in (nan.version, huge.version, amplified.version):
         wait_for(lambda v=version: (v, "values") in rejected(server), 10, f"{version} refused")
     assert current(stub) == good
     assert greedy(stub) == (text_before, {good}), "the good version still answers the same"
@@ -146,6 +149,13 @@ def test_nan_and_huge_weights_are_never_published_nor_served(env, tmp_path):
         assert caught.value.reason == "values"
         assert not (env["store"] / f"refused-{seed}").exists()
         assert not [p for p in env["store"].iterdir() if p.name.startswith(".tmp-")]
+
+
+def set_alpha(alpha: float) -> Callable[[Path], None]:
+    def mutate(folder: Path) -> None:
+        path = folder / store.CONFIG_FILE
+        path.write_text(json.dumps({**json.loads(path.read_text()), "lora_alpha": alpha}))
+    return mutate
 
 
 def test_the_canary_refuses_weights_that_wreck_generation(env, tmp_path):
@@ -181,6 +191,12 @@ def test_value_and_canary_rules_by_hand():
     assert tensor_problem("ids", torch.tensor([10**6])) is None  # not float weights
     assert weight_problems({"b": torch.ones(2), "a": torch.tensor([float("nan")])}) == [
         "a has 1 non-finite value(s) (NaN/inf)"]
+    assert config_problem({"r": 8, "lora_alpha": 16}) is None
+    assert config_problem({"r": 16, "lora_alpha": 64, "use_rslora": True}) is None  # 64/4
+    assert "scale lora_alpha/r = 1.25e+03" in config_problem({"r": 8, "lora_alpha": 1e4})
+    assert "positive integer" in config_problem({"r": 0, "lora_alpha": 16})
+    assert "positive number" in config_problem({"r": 8, "lora_alpha": float("nan")})
+    assert "JSON object" in config_problem([])
     assert canary_problem([3, 4, 5], True, [1, 2, 3]) is None
     assert "non-finite" in canary_problem([3], False, [1, 2, 3])
     assert "degenerate" in canary_problem([9, 9, 9], True, [1, 2, 3])
