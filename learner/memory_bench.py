@@ -45,6 +45,8 @@ from rlhf import comparisons
 from rlhf.gold import gold_tasks
 from rlhf.local_redis import private_redis
 from rlhf.modeling import load_model
+from rlhf.preferences import Item
+from rlhf.preferences import get as get_preference
 from rlhf.starter import ensure_starter_model
 from rlhf.starter_data import ANSWER_STYLES, render_answer
 from rlhf.v1 import feedback_pb2 as fb
@@ -148,7 +150,8 @@ def k4_records(n: int, seed: int) -> list[fb.Comparison]:
     rng = random.Random(seed)
     tasks = gold_tasks(n, seed)
     answers = [[render_answer(t, style, rng) for style in ANSWER_STYLES] for t in tasks]
-    return label(tasks, answers, iteration=seed, labelers=5, seed=seed, version="base")
+    return label([Item(t.prompt, t) for t in tasks], answers, iteration=seed, labelers=5,
+                 seed=seed, version="base", preference=get_preference("gold"))
 
 
 def _persistent_extra(learner: Learner) -> int:
