@@ -14,7 +14,6 @@ panel per curve, every arm on each.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from learner.config import ENV_PREFIX, LearnerConfig
+from learner.config import LearnerConfig
 from learner.efficacy import EfficacyConfig, run_efficacy
 from rlhf import preferences, settings
 from rlhf.local_redis import private_redis
@@ -43,11 +42,12 @@ INFRA = {"model", "device", "threads", "redis_url", "data_dir", "adapter_store",
 
 def learner_config(overrides: dict, model: str, device: str, threads: int, seed: int,
                    redis_url: str, folder: Path, ptx_coef: float | None) -> LearnerConfig:
-    cfg = LearnerConfig(**{**overrides, "model": model, "device": device, "threads": threads,
-                           "redis_url": redis_url, "data_dir": str(folder / "data"),
-                           "adapter_store": str(folder / "store"), "seed": seed,
-                           "progress_bars": False})
-    return cfg if ptx_coef is None else dataclasses.replace(cfg, ppo_ptx_coef=ptx_coef)
+    given = {**overrides, "model": model, "device": device, "threads": threads,
+             "redis_url": redis_url, "data_dir": str(folder / "data"),
+             "adapter_store": str(folder / "store"), "seed": seed, "progress_bars": False}
+    if ptx_coef is not None:
+        given["ppo_ptx_coef"] = ptx_coef
+    return settings.from_flat(LearnerConfig, given)
 
 
 def run_arm(cfg_of: Callable[[str, Path], LearnerConfig], name: str, eff: EfficacyConfig,
@@ -61,7 +61,7 @@ def run_arm(cfg_of: Callable[[str, Path], LearnerConfig], name: str, eff: Effica
         torch.manual_seed(eff.seed)
         curve = run_efficacy(eff, cfg, loaded, on_point=lambda p: log.info(
             "%s iteration %d: %s", name, p["iteration"], json.dumps(p)))
-    return {"preference": eff.preference, "ptx_coef": cfg.ppo_ptx_coef,
+    return {"preference": eff.preference, "ptx_coef": cfg.ppo.ptx_coef,
             "seconds": round(time.perf_counter() - start, 1), "curve": curve,
             "summary": summarize(curve)}
 
@@ -138,9 +138,8 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, dict]:
     settings.add_arguments(knobs, LearnerConfig)
     given = knobs.parse_args(rest)
     overrides = {k: v for k, v in vars(given).items() if v is not None and k not in INFRA}
-    # type the overrides the way `rlhf learn` does (flag strings -> field types)
-    typed = settings.build(LearnerConfig, argparse.Namespace(**overrides), ENV_PREFIX, env={})
-    return args, {k: getattr(typed, k) for k in overrides}
+    settings.from_flat(LearnerConfig, overrides)  # a bad value fails before any work
+    return args, overrides
 
 
 def _arm_urls(base: str, n: int) -> list[str]:
