@@ -250,10 +250,10 @@ class LearnProcess:
 
     def __init__(self, url: str, store: Path, data: Path) -> None:
         flags = {"model": NAME, "threads": 1, "port": 0, "redis-url": url, "data-dir": data,
-                 "adapter-store": store, "prompts-per-iteration": 4, "eval-prompts": 2,
-                 "ptx-eval-texts": 2, "rm-batch": 4, "rm-max-length": 96, "rm-lora-rank": 4,
-                 "rm-lr": 3e-3, "ppo-steps": 2, "ppo-batch-size": 4, "ppo-minibatch-size": 4,
-                 "ppo-max-new-tokens": 12, "ppo-lora-rank": 4, "ppo-lr": 1e-2}
+                 "adapter-store": store, "prompts-per-iteration": 2, "eval-prompts": 1,
+                 "ptx-eval-texts": 1, "rm-batch": 3, "rm-max-length": 64, "rm-lora-rank": 4,
+                 "rm-lr": 3e-3, "ppo-steps": 1, "ppo-batch-size": 4, "ppo-minibatch-size": 2,
+                 "ppo-max-new-tokens": 8, "ppo-lora-rank": 4, "ppo-lr": 1e-2}
         cmd = [sys.executable, "-m", "rlhf.cli", "learn", "--no-progress-bars",
                *(x for k, v in flags.items() for x in (f"--{k}", str(v)))]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True,
@@ -279,7 +279,7 @@ class LearnProcess:
 
 def test_one_iteration_on_smollm2_goes_live_and_changes_answers(stack, tmp_path: Path):
     stub, client = stack["stub"], stack["client"]
-    replies = comparisons.append_many(client, [comparison(i) for i in range(8)])
+    replies = comparisons.append_many(client, [comparison(i) for i in range(6)])
     assert not any(dup for dup, _ in replies)
 
     learn = LearnProcess(stack["url"], stack["store"], tmp_path / "learner")
@@ -295,7 +295,7 @@ def test_one_iteration_on_smollm2_goes_live_and_changes_answers(stack, tmp_path:
     finally:
         learn.stop()
     assert body["status"] == "done" and body["version"] == "v1", body.get("error")
-    assert body["metrics"]["data/comparisons"] == 8
+    assert body["metrics"]["data/comparisons"] == 6
     print("iteration seconds", body["seconds"])
 
     deadline = time.monotonic() + 60
