@@ -37,8 +37,8 @@ def model_kind(name: str) -> str:
         return "named"
     if Path(name).expanduser().is_dir():
         return "path"
-    if "/" in name or Path(name).expanduser().exists():
-        return "hub"  # a hub id, or a path from_pretrained will report on
+    if "/" in name and not name.startswith(("/", "./", "../", "~")):
+        return "hub"
     raise models.UnknownModel(name)
 
 

@@ -89,9 +89,15 @@ DEFAULT_RUN_MODEL = SMOLLM2.name
 
 
 class UnknownModel(ValueError):
+    """``--model`` is neither a known name, nor an existing directory, nor a hub id."""
+
     def __init__(self, name: str) -> None:
-        super().__init__(f"unknown model name {name!r}; known names: {', '.join(REGISTRY)} "
-                         "(or give a local directory, or a Hugging Face hub id owner/name)")
+        if name.startswith(("/", "./", "../", "~")):
+            text = f"no directory {name!r} (a local model is a directory of from_pretrained)"
+        else:
+            text = f"unknown model name {name!r}"
+        super().__init__(f"{text}; known names: {', '.join(REGISTRY)} (or give a local "
+                         "directory, or a Hugging Face hub id owner/name)")
 
 
 class ModelFetchError(RuntimeError):

@@ -26,6 +26,8 @@ def test_model_names_paths_and_hub_ids(tmp_path: Path):
     with pytest.raises(models.UnknownModel) as err:
         model_kind("smollm2")
     assert all(name in str(err.value) for name in models.REGISTRY)
+    with pytest.raises(models.UnknownModel, match="no directory"):
+        model_kind(str(tmp_path / "missing"))
     # The starter keeps the name adapters were published under, by name or by default.
     assert display_name("") == display_name("starter") != display_name("starter-tiny")
     assert display_name("starter").startswith("starter:starter-starter-")
