@@ -91,6 +91,11 @@ def test_pull_leaves_a_verified_plain_hf_directory_and_reuses_it(entry: Path):
     again = pull()  # re-hashes every file against the manifest; rebuilds only if one differs
     assert again["built"] is False and again["path"] == str(entry)  # no second conversion
     assert leftovers(entry.parent) == []
+    listed = rlhf("models", "list", "--json")
+    rows = {r["name"]: r for r in map(json.loads, listed.stdout.splitlines())}
+    assert set(rows) == set(models.REGISTRY)
+    assert rows[NAME]["cached"] and rows[NAME]["path"] == str(entry)
+    assert rows[NAME]["licence"] == "Apache-2.0" and rows[NAME]["bytes"] > 500e6
 
 
 def test_a_corrupt_entry_is_detected_and_rebuilt(entry: Path, tmp_path: Path):
@@ -110,9 +115,6 @@ def test_a_corrupt_entry_is_detected_and_rebuilt(entry: Path, tmp_path: Path):
         fh.seek(want["bytes"] // 2)
         fh.write(bytes([byte[0] ^ 0xFF]))
 
-    listed = rlhf("models", "list", "--verify", "--json", env={"RLHF_HOME": str(home)})
-    row = next(r for r in map(json.loads, listed.stdout.splitlines()) if r["name"] == NAME)
-    assert row["cached"] is False and "model.safetensors" in row["problem"]
     code = ("from rlhf.modeling import resolve_model_name; "
             f"print(resolve_model_name({NAME!r}))")
     resolved = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
