@@ -53,7 +53,7 @@ class LearnerConfig:
     ptx_eval_texts: int = _f(16, "pretraining texts for the ptx loss before/after PPO")
     seed: int = _f(0, "seed of splits, sampling and shuffling")
 
-    ppo_steps: int = _f(4, "PPO steps (each ppo_batch_size episodes) per iteration")
+    ppo_steps: int = _f(10, "PPO steps (each ppo_batch_size episodes) per iteration")
     rm: RMConfig = nested(RMConfig, "reward model training (--rm-*)",
                           shared=("seed", "threads"))
     ppo: PPOConfig = nested(PPOConfig, "LoRA-PPO (--ppo-*)", shared=("seed",))
