@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from learner.ppo import PPOConfig
 from learner.reward_model import RMConfig
+from rlhf.settings import port as _port
 from rlhf.settings import setting as _f
 
 ENV_PREFIX = "RLHF_LEARN_"
@@ -38,7 +39,7 @@ class LearnerConfig:
     consumer: str = _f("", "consumer name in the learner group; empty = learner-<hostname>")
 
     host: str = _f("127.0.0.1", "interface of the admin HTTP API")
-    port: int = _f(8100, "port of the admin HTTP API (0 = pick a free one)")
+    port: int = _port(8100, "port of the admin HTTP API (0 = pick a free one)")
     admin_token: str = _f("", "bearer token the admin API demands; empty = no auth", secret=True)
     auto_trigger_after: int = _f(0, "start an iteration once this many new comparisons are in "
                                  "the stream; 0 = only on request")

@@ -21,9 +21,30 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
+PORT = (0, 65535)  # TCP/UDP port numbers; 0 = let the OS pick a free one
+
+
 def setting(default: Any, help: str, **meta: Any) -> Any:
-    """A config field carrying its help text (and flags such as ``secret=True``)."""
+    """A config field carrying its help text (and flags such as ``secret=True``, or
+    ``bounds=(lo, hi)``: the inclusive range ``build`` accepts for a number)."""
     return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+def port(default: int, help: str, lowest: int = PORT[0]) -> Any:
+    """A port setting: 0..65535 (``lowest=-1`` when -1 means "off")."""
+    return setting(default, help, bounds=(lowest, PORT[1]))
+
+
+def _check_bounds(cls: type, values: dict[str, Any]) -> None:
+    problems = []
+    for f in dataclasses.fields(cls):
+        bounds = f.metadata.get("bounds")
+        value = values.get(f.name, f.default)
+        if bounds is not None and value is not None and not bounds[0] <= value <= bounds[1]:
+            problems.append(f"{f.name}: must be between {bounds[0]} and {bounds[1]}, "
+                            f"got {value}")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def _base_type(tp: Any) -> tuple[type, bool]:
@@ -81,6 +102,7 @@ def build(cls: type[T], args: argparse.Namespace | None, env_prefix: str,
             values[f.name] = None
         else:
             values[f.name] = _parse(raw, tp, f.name)
+    _check_bounds(cls, values)
     return cls(**values)
 
 

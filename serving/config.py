@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rlhf.settings import port as _port
 from rlhf.settings import setting as _f
 
 
@@ -20,8 +21,9 @@ class ServingConfig:
     threads: int = _f(0, "torch threads for the decode loop; 0 = torch's default")
 
     host: str = _f("127.0.0.1", "interface both servers bind to")
-    grpc_port: int = _f(50051, "gRPC port (0 = pick a free one)")
-    http_port: int = _f(8000, "OpenAI-compatible HTTP port (0 = pick a free one, -1 = off)")
+    grpc_port: int = _port(50051, "gRPC port (0 = pick a free one)")
+    http_port: int = _port(8000, "OpenAI-compatible HTTP port (0 = pick a free one, -1 = off)",
+                          lowest=-1)
     auth_token: str = _f("", "bearer token clients must send; empty = no auth", secret=True)
     tls_cert: str = _f("", "PEM certificate chain file; with --tls-key turns on TLS for gRPC")
     tls_key: str = _f("", "PEM private key file for --tls-cert")

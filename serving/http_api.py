@@ -10,21 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
+import logging
 import time
 from collections.abc import AsyncGenerator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from rlhf.auth import bearer_matches
 from serving.service import Code, GenerateInput, Generation, Info, PolicyService, ServiceError
+
+log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
 STATUS = {Code.INVALID_ARGUMENT: 400, Code.NOT_FOUND: 404, Code.RESOURCE_EXHAUSTED: 429,
@@ -68,18 +71,30 @@ def service_error(exc: ServiceError) -> APIError:
     return APIError(STATUS[exc.code], message, param, exc.code.value)
 
 
+def _utf8(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"not valid Unicode text ({exc.reason} at character {exc.start}); "
+                         "send UTF-8 text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]  # JSON may escape a lone surrogate: "\ud800"
+
+
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class TextPart(_Wire):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Wire):
-    role: str
-    content: str | list[TextPart] | None = None
+    role: Text
+    content: Text | list[TextPart] | None = None
 
 
 class StreamOptions(_Wire):
@@ -87,7 +102,7 @@ class StreamOptions(_Wire):
 
 
 class ChatRequest(_Wire):
-    model: str | None = None
+    model: Text | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     n: int | None = None
     stream: bool | None = None
@@ -97,10 +112,10 @@ class ChatRequest(_Wire):
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     top_k: int | None = None
     min_tokens: int | None = None
-    adapter_version: str | None = None
+    adapter_version: Text | None = None
 
 
 def to_input(body: ChatRequest, adapter: str | None, request_id: str | None) -> GenerateInput:
@@ -204,6 +219,9 @@ async def stream(gen: Generation, head: dict[str, Any], include_usage: bool
         yield "data: [DONE]\n\n"
     except ServiceError as exc:
         yield _sse(service_error(exc).body())
+    except Exception:  # the status line is sent: the error can only go into the stream
+        log.exception("streaming a chat completion failed")
+        yield _sse(INTERNAL_ERROR.body())
 
 
 class EventStream(StreamingResponse):
@@ -223,6 +241,36 @@ class EventStream(StreamingResponse):
             await self.content.aclose()  # runs the generator's cleanup (metrics) now
 
 
+INTERNAL_ERROR = APIError(500, "internal server error: the request was not completed; the "
+                          "server logged the cause", code="internal")
+
+
+class JSONErrors:
+    """The last line: an exception no handler took becomes the API's JSON 500 (logged once
+    with its traceback), never Starlette's plain-text one."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            log.exception("unhandled error answering %s %s", scope.get("method"),
+                          scope.get("path"))
+            if not started:
+                await INTERNAL_ERROR.response()(scope, receive, send)
+
+
 class Guard:
     """Bearer auth on /v1 and the body size limit, before FastAPI reads anything."""
 
@@ -234,8 +282,8 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         token = self.service.config.auth_token
-        if token and scope["path"].startswith("/v1") and not hmac.compare_digest(
-                headers.get("authorization", "").encode(), f"Bearer {token}".encode()):
+        if token and scope["path"].startswith("/v1") and not bearer_matches(
+                headers.get("authorization"), token):
             reply = APIError(401, "missing or wrong API key: send 'Authorization: Bearer "
                              "<token>'", code="invalid_api_key")
             return await reply.response({"WWW-Authenticate": "Bearer"})(scope, receive, send)
@@ -276,6 +324,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def create_app(service: PolicyService) -> FastAPI:
     app = FastAPI(title="rlhf policy", docs_url=None, redoc_url=None)
     app.add_middleware(Guard, service=service)
+    app.add_middleware(JSONErrors)  # added last: the outermost of ours
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:

@@ -17,7 +17,7 @@ class UIConfig:
     policy_target: str = _f("127.0.0.1:50051", "gRPC address of `rlhf serve` (host:port)")
     auth_token: str = _f("", "bearer token serving expects; empty = none", secret=True)
     host: str = _f("127.0.0.1", "interface the UI binds to")
-    port: int = _f(7860, "HTTP port of the UI")
+    port: int = _f(7860, "HTTP port of the UI", bounds=(0, 65535))
     k: int = _f(4, "alternatives per turn the labeler ranks (2..9)")
     max_new_tokens: int = _f(128, "tokens per alternative")
     min_new_tokens: int = _f(1, "tokens each alternative has at least (no empty answers)")
