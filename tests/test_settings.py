@@ -36,3 +36,42 @@ def test_secrets_are_masked_in_logs():
     config = ServingConfig(auth_token="s3cret")
     assert settings.describe(config)["auth_token"] == "***"
     assert "s3cret" not in repr(settings.describe(config))
+
+
+@pytest.mark.parametrize(("command", "flag", "field", "value"), [
+    ("serve", "--http-port", "http_port", "-2"), ("learn", "--port", "port", "65536"),
+    ("ui", "--port", "port", "-1"), ("up", "--grpc-port", "grpc_port", "70000"),
+    ("up", "--redis-port", "redis_port", "99999"), ("up", "--ui-port", "ui_port", "-5"),
+])
+def test_out_of_range_ports_are_a_clear_cli_error(command, flag, field, value, capsys):
+    from rlhf import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main([command, flag, value])
+    assert exited.value.code == 2
+    assert f"{field}: must be between" in capsys.readouterr().err
+
+
+def test_grpc_port_70000_does_not_listen_on_4464():
+    """The red team's case, as a real process: it exits at once with the reason."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "rlhf.cli", "serve", "--grpc-port", "70000"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "grpc_port: must be between 0 and 65535, got 70000" in done.stderr
+
+
+def test_every_port_setting_of_every_process_is_bounded():
+    import dataclasses
+
+    from learner.config import LearnerConfig
+    from rlhf.up_config import UpConfig
+    from ui.config import UIConfig
+
+    for cls in (ServingConfig, LearnerConfig, UIConfig, UpConfig):
+        for f in dataclasses.fields(cls):
+            if f.name == "port" or f.name.endswith("_port"):
+                low, high = f.metadata["bounds"]
+                assert low in (0, -1) and high == 65535, (cls.__name__, f.name)
