@@ -20,11 +20,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rlhf.auth import bearer_matches
+from serving.openapi import install as install_openapi
 from serving.service import Code, GenerateInput, Generation, Info, PolicyService, ServiceError
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,13 @@ def _utf8(text: str) -> str:
 Text = Annotated[str, AfterValidator(_utf8)]  # JSON may escape a lone surrogate: "\ud800"
 
 
+def _whole(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Int = Annotated[int, BeforeValidator(_whole)]  # JSON Schema's integer: 3 and 3.0, not "3"
+
+
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
@@ -104,17 +112,17 @@ class StreamOptions(_Wire):
 class ChatRequest(_Wire):
     model: Text | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    n: int | None = None
+    n: Int | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Int | None = None
+    max_completion_tokens: Int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    seed: int | None = None
+    seed: Int | None = None
     stop: Text | list[Text] | None = None
-    top_k: int | None = None
-    min_tokens: int | None = None
+    top_k: Int | None = None
+    min_tokens: Int | None = None
     adapter_version: Text | None = None
 
 
@@ -123,6 +131,9 @@ def to_input(body: ChatRequest, adapter: str | None, request_id: str | None) -> 
         return content if isinstance(content, str) else "\n".join(p.text for p in content or ())
 
     max_new = body.max_completion_tokens
+    if None not in (max_new, body.max_tokens) and max_new != body.max_tokens:
+        raise APIError(400, "max_tokens and max_completion_tokens disagree; give one of them",
+                       "max_completion_tokens", "invalid_value")
     return GenerateInput(
         messages=[("system" if m.role == "developer" else m.role, text(m.content))
                   for m in body.messages],
@@ -325,6 +336,7 @@ def create_app(service: PolicyService) -> FastAPI:
     app = FastAPI(title="rlhf policy", docs_url=None, redoc_url=None)
     app.add_middleware(Guard, service=service)
     app.add_middleware(JSONErrors)  # added last: the outermost of ours
+    install_openapi(app, service.config)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:

@@ -272,6 +272,42 @@ def test_public_routes_are_health_metrics_and_the_api_description(auth_srv):
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
 
 
+# -- finding 15: the OpenAPI document tells the truth ------------------------------------
+
+
+def test_the_openapi_document_lists_the_statuses_and_bodies_the_server_really_uses(srv):
+    doc = httpx.get(srv.http_base + "/openapi.json").json()
+    assert "422" not in json.dumps(doc["paths"])  # validation errors are 400
+    schemas = doc["components"]["schemas"]
+    feedback = doc["paths"]["/v1/feedback/comparisons"]["post"]
+    ref = feedback["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    record = schemas[ref.rsplit("/", 1)[1]]
+    assert {"id", "labeler_id", "messages", "candidates"} <= set(record["required"])
+    chat = doc["paths"]["/v1/chat/completions"]["post"]
+    limits = schemas["ChatRequest"]["properties"]
+    assert {"minimum": 1, "maximum": 9, "type": "integer"} in limits["n"]["anyOf"]
+    big = b'{"messages": [{"role": "user", "content": "' + b"a" * (2 << 20) + b'"}]}'
+    real = [  # (path, operation, response) for the statuses a client meets
+        ("/v1/chat/completions", chat, httpx.post(srv.http_base + CHAT, json={
+            "n": 0, "messages": QUESTION})),
+        ("/v1/chat/completions", chat, httpx.post(srv.http_base + CHAT, json={
+            "model": "nope", "messages": QUESTION})),
+        ("/v1/chat/completions", chat, httpx.post(srv.http_base + CHAT, content=big, headers={
+            "content-type": "application/json"})),
+        ("/v1/feedback/comparisons", feedback, httpx.post(
+            srv.http_base + "/v1/feedback/comparisons", json={"id": "x"})),
+    ]
+    for path, operation, response in real:
+        documented = operation["responses"].get(str(response.status_code))
+        assert documented, (path, response.status_code, sorted(operation["responses"]))
+        schema = documented["content"]["application/json"]["schema"]
+        assert schema == {"$ref": "#/components/schemas/Error"}
+        assert set(response.json()["error"]) == set(schemas["Error"]["properties"]["error"][
+            "required"])
+    for status in ("401", "429", "503"):
+        assert status in chat["responses"]
+
+
 # -- finding 18: after NOT_SERVING, Generate is refused, always -------------------------
 
 
