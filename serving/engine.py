@@ -35,6 +35,7 @@ from serving.isolation import (
     checkpoint,
     merge,
     rollback,
+    run_isolated,
     split_by_request,
 )
 from serving.kvbatch import KVBatch
@@ -266,25 +267,11 @@ class Engine:
 
     def _isolated(self, phase: Callable[[], None],
                   alone: Callable[[], list[tuple[RequestHandle, Callable[[], None]]]]) -> None:
-        """Run ``phase``; if it raises, roll back and run each request's part alone: only
-        the requests whose part fails get the error."""
-        cp = self._checkpoint()
-        try:
-            phase()
-            return
-        except Exception as exc:
-            self._rollback(cp)
-            log.warning("a batched engine step failed (%r); retrying each request alone", exc)
-        for handle, run in alone():
-            mark = self._checkpoint()
-            try:
-                run()
-            except Exception as exc:
-                self._rollback(mark)
-                log.exception("request %s failed in the engine on its own; failing it alone",
-                              handle.request_id)
-                self._release(handle)
-                _push_threadsafe(handle, exc)
+        run_isolated(phase, alone, self._checkpoint, self._rollback, self._fail_one)
+
+    def _fail_one(self, handle: RequestHandle, exc: Exception) -> None:
+        self._release(handle)
+        _push_threadsafe(handle, exc)
 
     def _decode_parts(self) -> list[tuple[RequestHandle, Callable[[], None]]]:
         """One decode step per request, each on its own copy of its cache rows; the parts

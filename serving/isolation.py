@@ -16,13 +16,19 @@ tokens, text offset, finish reason and random generator) is copied.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from serving.kvbatch import KVBatch, layers_of
+
+log = logging.getLogger(__name__)
+
+H = TypeVar("H")
+C = TypeVar("C")
 
 
 @dataclass
@@ -98,3 +104,26 @@ def merge(parts: Sequence[Running], empty: Running) -> Running:
         batch.extend(p.batch)
     return Running(batch, [r for p in live for r in p.rows],
                    torch.cat([p.positions for p in live]), torch.cat([p.last for p in live]))
+
+
+def run_isolated(phase: Callable[[], None], alone: Callable[[], list[tuple[H, Callable[[], None]]]],
+                 save: Callable[[], C], restore: Callable[[C], None],
+                 fail: Callable[[H, Exception], None]) -> None:
+    """Run ``phase``; if it raises, ``restore`` what ``save`` took and run each request's
+    part (``alone()``: (request, run) pairs) by itself, restoring after and handing to
+    ``fail`` each one that raises. Only requests that fail on their own get an error."""
+    before = save()
+    try:
+        phase()
+        return
+    except Exception as exc:
+        restore(before)
+        log.warning("a batched engine step failed (%r); retrying each request alone", exc)
+    for request, run in alone():
+        mark = save()
+        try:
+            run()
+        except Exception as exc:
+            restore(mark)
+            log.exception("a request failed in the engine on its own; failing it alone")
+            fail(request, exc)

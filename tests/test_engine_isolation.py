@@ -204,3 +204,30 @@ def test_requests_beyond_the_free_slots_still_meet_the_queue_limit(loaded):
         assert asyncio.run(main()) == "ok"
     finally:
         engine.stop()
+
+
+def test_run_isolated_fails_only_the_part_that_fails_alone():
+    """The control flow by hand: the batch fails, each part runs alone, b fails alone."""
+    from serving.isolation import run_isolated
+
+    log: list[str] = []
+    state = {"v": 0}
+
+    def phase() -> None:
+        state["v"] = 99  # a partial change the rollback must undo
+        raise ValueError("batch")
+
+    def part(name: str):
+        def run() -> None:
+            log.append(f"run {name}")
+            state["v"] += 1
+            if name == "b":
+                raise ValueError("b alone")
+        return run
+
+    failed: list[tuple[str, str]] = []
+    run_isolated(phase, lambda: [(n, part(n)) for n in "abc"], lambda: state["v"],
+                 lambda v: state.update(v=v), lambda n, exc: failed.append((n, str(exc))))
+    assert log == ["run a", "run b", "run c"]
+    assert failed == [("b", "b alone")]
+    assert state["v"] == 2  # a and c applied; the batch's and b's changes rolled back
