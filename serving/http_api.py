@@ -352,7 +352,11 @@ def create_app(service: PolicyService) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return APIError(exc.status_code, str(exc.detail)).response(exc.headers)
+        message, cause = str(exc.detail), exc.__cause__
+        if exc.status_code == 400 and cause is not None:  # FastAPI could not parse the body
+            why = "nested too deeply" if isinstance(cause, RecursionError) else str(cause)
+            message = f"request body is not valid JSON: {why}"
+        return APIError(exc.status_code, message).response(exc.headers)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
