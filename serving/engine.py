@@ -52,7 +52,7 @@ from serving.requests import (  # also re-exported: callers import them from her
     RequestHandle,
     Sampling,
 )
-from serving.sampling import sample_next
+from serving.sampling import sample_next, uniform
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class _Row:
 
     handle: RequestHandle
     index: int
-    rng: random.Random
+    seed: int
     tokens: list[int] = field(default_factory=list)
     sent: int = 0  # characters of the decoded text already handed out
     finish: str | None = None
@@ -315,7 +315,7 @@ class Engine:
         repeat = torch.tensor([i for i, h in enumerate(group) for _ in range(h.n)])
         fresh = KVBatch(cache, mask.to(self.device))
         fresh.select(repeat.to(self.device))
-        rows = [_Row(h, k, random.Random(h.seeds[k])) for h in group for k in range(h.n)]
+        rows = [_Row(h, k, h.seeds[k]) for h in group for k in range(h.n)]
         first = self._sample(logits.index_select(0, repeat.to(logits.device)), rows)
         lengths = torch.tensor([len(h.prompt_ids) for h in group]).index_select(0, repeat)
         if self._batch is None:
@@ -351,7 +351,7 @@ class Engine:
             torch.tensor([p.temperature for p in params]),
             torch.tensor([p.top_k for p in params]),
             torch.tensor([p.top_p for p in params]),
-            torch.tensor([r.rng.random() for r in rows]))
+            torch.tensor([uniform(r.seed, len(r.tokens)) for r in rows], dtype=torch.float64))
 
     # -- per-row bookkeeping -------------------------------------------------------------
 

@@ -2,16 +2,17 @@
 
 When a batched phase (the prefill of the admitted requests, or one decode step of every
 running row) raises, the engine rolls its running state back to a ``Checkpoint`` taken
-before the phase and runs the phase again once per request. Only the
-requests that also fail on their own get the error; the others go on as if nothing had
-happened: their cache, tokens and random generators are rolled back, so a seed still gives
-the same text. A failure every request hits on its own (a broken model, out of memory) is
-not attributable to any one of them and so reaches them all.
+before the phase and runs the phase again once per request. Only the requests that also
+fail on their own get the error; the others go on as if nothing had happened: their cache
+and tokens are rolled back, and the random numbers a row samples with are a pure function
+of its seed and token index (serving/sampling.py), so a seed still gives the same text.
+A failure every request hits on its own (a broken model, out of memory) is not
+attributable to any one of them and so reaches them all.
 
 The rollback is cheap because nothing here is changed in place: the KV cache layers,
 the mask, positions and last tokens are replaced by new tensors at each step, so keeping
 references to the old ones is enough. What is changed in place (the row list, each row's
-tokens, text offset, finish reason and random generator) is copied.
+tokens, text offset and finish reason) is copied.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class Checkpoint:
     rows: list[Any]
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     mask: torch.Tensor | None
-    row_state: list[tuple[int, int, str | None, Any]]
+    row_state: list[tuple[int, int, str | None]]
     tokens_generated: int
 
 
@@ -56,7 +57,7 @@ def checkpoint(running: Running, tokens_generated: int) -> Checkpoint:
     batch = running.batch
     kv = [(layer.keys, layer.values) for layer in layers_of(batch.cache)] if batch else []
     return Checkpoint(running, list(running.rows), kv, batch.mask if batch else None,
-                      [(len(r.tokens), r.sent, r.finish, r.rng.getstate()) for r in running.rows],
+                      [(len(r.tokens), r.sent, r.finish) for r in running.rows],
                       tokens_generated)
 
 
@@ -68,10 +69,9 @@ def rollback(cp: Checkpoint) -> tuple[Running, int]:
             layer.keys, layer.values = keys, values
         assert cp.mask is not None
         batch.mask = cp.mask
-    for row, (n_tokens, sent, finish, rng) in zip(cp.rows, cp.row_state, strict=True):
+    for row, (n_tokens, sent, finish) in zip(cp.rows, cp.row_state, strict=True):
         del row.tokens[n_tokens:]
         row.sent, row.finish = sent, finish
-        row.rng.setstate(rng)
     running = Running(batch, list(cp.rows), cp.running.positions, cp.running.last)
     return running, cp.tokens_generated
 

@@ -141,6 +141,10 @@ _COMPLETION = {
             "total_tokens": {"type": "integer"}}},
     },
 }
+_EVENT = {"type": "object", "required": ["data"],  # one server-sent event
+          "properties": {"data": {"type": "string", "description": "a chat.completion.chunk "
+                                  "or an error object as JSON; the last one is [DONE]"},
+                         "event": {"type": "string"}}}
 _MODELS = {"type": "object", "required": ["object", "data"], "properties": {
     "object": {"const": "list"},
     "data": {"type": "array", "items": {"type": "object", "required": ["id", "object"],
@@ -193,7 +197,7 @@ def _document(app: FastAPI, config: ServingConfig) -> dict[str, Any]:
     chat["200"] = {"description": "the completion (JSON), or with stream=true the chunks "
                    "as server-sent events",
                    "content": {"application/json": {"schema": _COMPLETION},
-                               "text/event-stream": {"schema": {"type": "string"}}}}
+                               "text/event-stream": {"itemSchema": _EVENT}}}
     paths["/v1/models"]["get"]["responses"]["200"] = _json(_MODELS, "the served models")
     health = paths["/healthz"]["get"]["responses"]
     health["200"] = _json(_HEALTH, "ready")
