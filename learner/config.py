@@ -30,7 +30,7 @@ class LearnerConfig:
     threads: int = _f(0, "torch threads; 0 = torch's default")
 
     redis_url: str = _f("redis://127.0.0.1:6379/0", "Redis holding the comparisons stream and "
-                        "the adapter registry", secret=True)
+                        "the adapter registry", secret=True, address="url")
     data_dir: str = _f("learner-data", "durable dataset (comparisons/), iteration records "
                        "(iterations/) and the policy checkpoint a restart continues from "
                        "(checkpoint/)")

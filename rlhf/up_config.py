@@ -32,7 +32,7 @@ class UpConfig:
     data_dir: str = _f(".rlhf", "private Redis data (redis/), the learner's dataset "
                        "(learner/) and the adapter store (adapters/)")
     redis_url: str = _f("", "use this Redis; empty = run a private redis-server (AOF on) "
-                        "and stop it on exit", secret=True)
+                        "and stop it on exit", secret=True, address="url")
     redis_port: int = _port(6390, "port of the private redis-server (0 = a free one)")
     redis_server: str = _f("redis-server", "redis-server binary for the private Redis")
     host: str = _f("127.0.0.1", "interface every part binds to")

@@ -38,7 +38,7 @@ class ServingConfig:
     shutdown_grace_s: float = _f(10.0, "seconds running streams get to finish on shutdown")
 
     redis_url: str = _f("", "Redis holding the comparisons stream, e.g. redis://127.0.0.1:6379/0; "
-                        "empty = the Feedback API is off", secret=True)
+                        "empty = the Feedback API is off", secret=True, address="url")
     adapter_store: str = _f("", "adapter store directory (STORE/<version>/); with --redis-url "
                             "this replica follows the registry's current adapter (hot-swap); "
                             "empty = off")

@@ -52,6 +52,24 @@ def test_out_of_range_ports_are_a_clear_cli_error(command, flag, field, value, c
     assert f"{field}: must be between" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("command", "flag", "value", "says"), [
+    ("serve", "--redis-url", "redis://127.0.0.1:70000/0", "redis_url: Port out of range"),
+    ("learn", "--redis-url", "redis://127.0.0.1:99999/0", "redis_url: Port out of range"),
+    ("ui", "--policy-target", "127.0.0.1:70000", "policy_target: the port must be in"),
+    ("ui", "--learner-url", "http://127.0.0.1:65536", "learner_url: Port out of range"),
+    ("up", "--redis-url", "redis://h:123456", "redis_url: Port out of range"),
+])
+def test_ports_inside_addresses_are_checked_too(command, flag, value, says, capsys):
+    from rlhf import cli
+
+    with pytest.raises(SystemExit):
+        cli.main([command, flag, value])
+    err = capsys.readouterr().err
+    assert says in err
+    if "redis" in flag:
+        assert value not in err  # a Redis URL may hold a password: it is not echoed
+
+
 def test_grpc_port_70000_does_not_listen_on_4464():
     """The red team's case, as a real process: it exits at once with the reason."""
     import subprocess

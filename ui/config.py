@@ -14,7 +14,8 @@ def _f(default, help: str, **meta):
 class UIConfig:
     """Everything `rlhf ui` needs; CLI flags and RLHF_UI_* env vars override defaults."""
 
-    policy_target: str = _f("127.0.0.1:50051", "gRPC address of `rlhf serve` (host:port)")
+    policy_target: str = _f("127.0.0.1:50051", "gRPC address of `rlhf serve` (host:port)",
+                           address="host:port")
     auth_token: str = _f("", "bearer token serving expects; empty = none", secret=True)
     host: str = _f("127.0.0.1", "interface the UI binds to")
     port: int = _f(7860, "HTTP port of the UI", bounds=(0, 65535))
@@ -27,7 +28,7 @@ class UIConfig:
                     secret=True)
     rpc_timeout_s: float = _f(120.0, "deadline of each call to serving, seconds")
     learner_url: str = _f("http://127.0.0.1:8100", "admin API of `rlhf learn` that the "
-                          "Dashboard tab reads")
+                          "Dashboard tab reads", address="url")
     learner_token: str = _f("", "bearer token of the learner's admin API; empty = none",
                             secret=True)
     operators: str = _f("", "labeler ids allowed to trigger iterations from the Dashboard: "
