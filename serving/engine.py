@@ -5,7 +5,9 @@ are free and prefills them together (the n alternatives of a request share one p
 its cache rows repeated n times), (2) runs one decode step for every running row, whatever
 request it belongs to, and (3) detokenizes, applies stop rules and hands each request its
 new text. Rows leave the batch the step they finish or their request is cancelled, so a
-slot is free again at once (iteration-level scheduling, Orca/vLLM style).
+slot is free again at once (iteration-level scheduling, Orca/vLLM style). A phase that
+raises is rolled back and run once per request, so one request's bad data fails only that
+request (serving/isolation.py).
 
 Asyncio callers talk to it through ``submit`` (raises ``QueueFull`` instead of waiting) and
 the returned ``RequestHandle`` (async iterator of event lists; ``cancel``).
@@ -55,6 +57,7 @@ from serving.requests import (  # also re-exported: callers import them from her
 from serving.sampling import sample_next, uniform
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class _Row:
