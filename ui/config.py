@@ -44,8 +44,9 @@ class UIConfig:
             problems.append("max_new_tokens must be >= 1")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             problems.append("min_new_tokens must be in 0..max_new_tokens")
-        if self.temperature < 0:
-            problems.append("temperature must be >= 0")
+        if not (self.temperature == 0 or 0.01 <= self.temperature <= 100):
+            problems.append("temperature must be 0 (greedy) or in 0.01..100 (as serving "
+                            "demands)")
         if not 0 < self.top_p <= 1:
             problems.append("top_p must be in (0, 1]")
         if self.rpc_timeout_s <= 0:
