@@ -40,6 +40,7 @@ from serving.feedback_api import FeedbackServicer, feedback_router
 from serving.grpc_decode import DecodeGuard
 from serving.grpc_server import BearerAuthInterceptor, PolicyServicer
 from serving.http_api import create_app
+from serving.http_protocol import JSONErrorsH11Protocol
 from serving.registry import RegistryFollower
 from serving.service import PolicyService
 
@@ -115,8 +116,9 @@ async def _phase_listen(config: ServingConfig, service: PolicyService,
         app = create_app(service)
         if feedback is not None:
             app.include_router(feedback_router(feedback))
-        http = _EmbeddedUvicorn(uvicorn.Config(app, log_level="warning",
-                                               lifespan="off", access_log=False))
+        http = _EmbeddedUvicorn(uvicorn.Config(app, http=JSONErrorsH11Protocol,
+                                               log_level="warning", lifespan="off",
+                                               access_log=False))
         http_task = asyncio.create_task(http.serve(sockets=[sock]))
     return Running(server, grpc_port, http, http_task, http_port, health_servicer, names,
                    feedback)

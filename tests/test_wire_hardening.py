@@ -150,6 +150,20 @@ def test_deeply_nested_json_is_a_json_400_on_every_route(srv):
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
+def test_bytes_that_are_not_http_get_the_json_error_too(srv):
+    import socket
+
+    for garbage in (b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", srv.http_port), timeout=10) as sock:
+            sock.sendall(garbage)
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head, reply
+        assert set(json.loads(body)["error"]) == {"message", "type", "param", "code"}
+
+
 def test_an_unexpected_server_bug_is_a_json_500_not_plain_text():
     """The catch-all, on the real app: a route that fails in a way nobody foresaw."""
     import asyncio
