@@ -23,8 +23,9 @@ ENV_PREFIX = "RLHF_LEARN_"
 class LearnerConfig:
     """Everything `rlhf learn` needs; CLI flags and RLHF_LEARN_* env vars override defaults."""
 
-    model: str = _f("", "hub id or local directory of the base model (the same string serving "
-                    "runs); empty = the built-in starter model")
+    model: str = _f("", "base model, the same string serving runs: a name of `rlhf models "
+                    "list` (fetched on first use), a local directory or a hub id; empty = the "
+                    "built-in starter model")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     dtype: str = _f("auto", "float32, bfloat16, float16 or auto")
     load_in_4bit: bool = _f(False, "load the base model in 4-bit through bitsandbytes")

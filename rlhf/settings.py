@@ -127,7 +127,7 @@ def _parse(value: str, tp: type, name: str) -> Any:
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one ``--field-name`` option per setting (default: not given)."""
     for knob in knobs(cls):
-        helptext = knob.field.metadata.get("help", "")
+        helptext = knob.field.metadata.get("help", "").replace("%", "%%")  # argparse formats
         if knob.type is bool:
             parser.add_argument(knob.flag, dest=knob.name, action=argparse.BooleanOptionalAction,
                                 default=None, help=helptext)

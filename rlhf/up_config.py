@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf import settings
+from rlhf.models import DEFAULT_RUN_MODEL
 from rlhf.settings import port as _port
 from rlhf.settings import setting as _f
 
@@ -27,8 +28,9 @@ SECTIONS = ("serve", "learn", "ui")  # TOML tables of extra flags for each child
 class UpConfig:
     """Everything `rlhf up` needs; flags, RLHF_UP_* env vars and --config keys set it."""
 
-    model: str = _f("", "hub id or local directory of the base model serving and the learner "
-                    "share; empty = the built-in starter model (built on first use)")
+    model: str = _f(DEFAULT_RUN_MODEL, "base model serving and the learner share: a name of "
+                    "`rlhf models list` (fetched/built on first use), a local directory or a "
+                    "hub id; empty or 'starter' = the built-in starter model")
     data_dir: str = _f(".rlhf", "private Redis data (redis/), the learner's dataset "
                        "(learner/) and the adapter store (adapters/)")
     redis_url: str = _f("", "use this Redis; empty = run a private redis-server (AOF on) "
@@ -50,7 +52,7 @@ class UpConfig:
     load_in_4bit: bool = _f(False, "load the base model in 4-bit (bitsandbytes; GPU)")
     k: int = _f(4, "alternatives per turn in the UI (2..9)")
     ready_timeout_s: float = _f(600.0, "seconds each part gets to become ready (after the "
-                                "starter model is built)")
+                                "model is fetched/built)")
     stop_timeout_s: float = _f(30.0, "seconds each part gets to stop before SIGKILL")
 
     def __post_init__(self) -> None:

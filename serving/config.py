@@ -12,7 +12,8 @@ from rlhf.settings import setting as _f
 class ServingConfig:
     """Everything `rlhf serve` needs; CLI flags and RLHF_SERVE_* env vars override defaults."""
 
-    model: str = _f("", "hub id or local directory; empty = the built-in starter model")
+    model: str = _f("", "a name of `rlhf models list` (fetched on first use), a local "
+                    "directory or a hub id; empty = the built-in starter model")
     adapter: str = _f("", "optional PEFT LoRA adapter directory to start with")
     adapter_version: str = _f("", "version name of --adapter (default: its directory name)")
     load_in_4bit: bool = _f(False, "load the base model in 4-bit through bitsandbytes")

@@ -130,3 +130,13 @@ def test_nested_configs_are_flags_and_variables_with_one_default_each():
     with pytest.raises(ValueError, match="unknown LearnerConfig settings \\['rm_speed'\\]"):
         settings.from_flat(LearnerConfig, {"rm_speed": 1})
     assert settings.from_flat(LearnerConfig, {"ppo_lr": "0.25", "seed": 4}).ppo.seed == 4
+
+
+@pytest.mark.parametrize("command", ["serve", "learn", "ui", "up"])
+def test_every_command_prints_its_help(command: str, capsys):
+    """Help texts may hold '%' ("cosine to 10%"): argparse must print them, not crash."""
+    from rlhf import cli
+
+    with pytest.raises(SystemExit) as done:
+        cli.main([command, "--help"])
+    assert done.value.code == 0 and "--" in capsys.readouterr().out
