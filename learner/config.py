@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from learner.ppo import PPOConfig
 from learner.reward_model import RMConfig
 from rlhf.settings import nested, propagate_shared
+from rlhf.settings import port as _port
 from rlhf.settings import setting as _f
 
 ENV_PREFIX = "RLHF_LEARN_"
@@ -31,7 +32,7 @@ class LearnerConfig:
     threads: int = _f(0, "torch threads; 0 = torch's default")
 
     redis_url: str = _f("redis://127.0.0.1:6379/0", "Redis holding the comparisons stream and "
-                        "the adapter registry", secret=True)
+                        "the adapter registry", secret=True, address="url")
     data_dir: str = _f("learner-data", "durable dataset (comparisons/), iteration records "
                        "(iterations/) and the policy checkpoint a restart continues from "
                        "(checkpoint/)")
@@ -40,7 +41,7 @@ class LearnerConfig:
     consumer: str = _f("", "consumer name in the learner group; empty = learner-<hostname>")
 
     host: str = _f("127.0.0.1", "interface of the admin HTTP API")
-    port: int = _f(8100, "port of the admin HTTP API (0 = pick a free one)")
+    port: int = _port(8100, "port of the admin HTTP API (0 = pick a free one)")
     admin_token: str = _f("", "bearer token the admin API demands; empty = no auth", secret=True)
     auto_trigger_after: int = _f(0, "start an iteration once this many new comparisons are in "
                                  "the stream; 0 = only on request")

@@ -17,6 +17,7 @@ from typing import Any
 
 from rlhf import settings
 from rlhf.models import DEFAULT_RUN_MODEL
+from rlhf.settings import port as _port
 from rlhf.settings import setting as _f
 
 ENV_PREFIX = "RLHF_UP_"
@@ -33,14 +34,14 @@ class UpConfig:
     data_dir: str = _f(".rlhf", "private Redis data (redis/), the learner's dataset "
                        "(learner/) and the adapter store (adapters/)")
     redis_url: str = _f("", "use this Redis; empty = run a private redis-server (AOF on) "
-                        "and stop it on exit", secret=True)
-    redis_port: int = _f(6390, "port of the private redis-server (0 = a free one)")
+                        "and stop it on exit", secret=True, address="url")
+    redis_port: int = _port(6390, "port of the private redis-server (0 = a free one)")
     redis_server: str = _f("redis-server", "redis-server binary for the private Redis")
     host: str = _f("127.0.0.1", "interface every part binds to")
-    grpc_port: int = _f(50051, "serving's gRPC port (0 = a free one)")
-    http_port: int = _f(8000, "serving's OpenAI-compatible HTTP port (0 = a free one)")
-    learner_port: int = _f(8100, "the learner's admin API port (0 = a free one)")
-    ui_port: int = _f(7860, "the ranking UI's port (0 = a free one)")
+    grpc_port: int = _port(50051, "serving's gRPC port (0 = a free one)")
+    http_port: int = _port(8000, "serving's OpenAI-compatible HTTP port (0 = a free one)")
+    learner_port: int = _port(8100, "the learner's admin API port (0 = a free one)")
+    ui_port: int = _port(7860, "the ranking UI's port (0 = a free one)")
     users: str = _f("", "labeler accounts of the UI: 'alice:pw,bob:pw' or a file; empty = "
                     "$RLHF_UI_USERS, else demo:demo", secret=True)
     operator_token: str = _f("", "bearer token of the learner's admin API (the UI's Dashboard "
