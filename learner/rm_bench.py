@@ -25,8 +25,7 @@ import torch
 
 from learner.reward_model import RewardModel, RMConfig, evaluate_rm, train_reward_model
 from rlhf.data import Malformed, pair_record
-from rlhf.modeling import load_model
-from rlhf.starter import ensure_starter_model
+from rlhf.modeling import load_model, resolve_model_name
 from rlhf.starter_data import make_tasks, render_answer
 from rlhf.v1 import feedback_pb2 as fb
 from rlhf.v1 import policy_pb2 as pb
@@ -100,7 +99,7 @@ def bench_hh(args: argparse.Namespace, model_dir: str) -> dict:
     cut = int(len(data) * args.hh_train_fraction)
     train, test = data[:cut], data[cut:]
     cfg = RMConfig(lr=args.lr, max_length=args.hh_max_length, seed=args.seed,
-                   comparisons_per_batch=args.batch, threads=args.threads,
+                   batch=args.batch, threads=args.threads,
                    epochs=args.hh_epochs, lora_rank=args.hh_lora_rank,
                    lora_targets=tuple(args.hh_lora_targets.split(",")))
     rm, tok = _fresh_rm(model_dir, cfg)
@@ -124,7 +123,7 @@ def bench_kwise_vs_pairwise(args: argparse.Namespace, model_dir: str) -> dict:
     for name, data, per_step in (("kwise", train, args.batch),
                                  ("pairwise", pairs, args.batch * per_prompt)):
         cfg = RMConfig(lr=args.lr, max_length=128, seed=args.seed, threads=args.threads,
-                       comparisons_per_batch=per_step)
+                       batch=per_step)
         rm, tok = _fresh_rm(model_dir, cfg)
         metrics = train_reward_model(rm, tok, data, cfg)
         held = evaluate_rm(rm, tok, test, cfg)
@@ -140,7 +139,8 @@ def bench_kwise_vs_pairwise(args: argparse.Namespace, model_dir: str) -> dict:
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m learner.rm_bench", description=__doc__)
-    p.add_argument("--model", default="", help="model dir; default: the starter model")
+    p.add_argument("--model", default="", help="a name of `rlhf models list`, a directory or "
+                   "a hub id; default: the starter")
     p.add_argument("--hh-path", default=HH_PATH)
     p.add_argument("--hh-limit", type=int, default=0, help="read the first N lines; 0 = all")
     p.add_argument("--hh-train-fraction", type=float, default=0.8)
@@ -163,7 +163,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    model_dir = args.model or str(ensure_starter_model())
+    model_dir = resolve_model_name(args.model)
     start = time.perf_counter()
     report: dict = {"model": model_dir, "threads": args.threads}
     if "kwise" not in args.skip:

@@ -50,6 +50,9 @@ def parse_comparison(body: bytes) -> feedback_pb2.Comparison:
     except (UnicodeDecodeError, ValueError) as exc:
         raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") \
             from None
+    except RecursionError:
+        raise APIError(400, "request body is not valid JSON: nested too deeply",
+                       code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object: an rlhf.v1.Comparison",
                        code="invalid_json")

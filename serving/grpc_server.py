@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
+from rlhf.auth import bearer_matches
 from rlhf.v1 import policy_pb2, policy_pb2_grpc
 from serving.service import Code, GenerateInput, PolicyService, ServiceError
 
@@ -91,10 +91,11 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
 
 
 class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Require ``authorization: Bearer <token>`` on every method but health checks."""
+    """Require ``authorization: Bearer <token>`` (any case of the scheme) on every method
+    but health checks."""
 
     def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+        self._token = token
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -104,7 +105,7 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
         if details.method.startswith(PUBLIC_PREFIXES) or handler is None:
             return handler
         given = dict(details.invocation_metadata or ()).get("authorization", "")
-        if isinstance(given, str) and hmac.compare_digest(given.encode(), self._expected):
+        if isinstance(given, str) and bearer_matches(given, self._token):
             return handler
         return _deny(handler, "missing or wrong bearer token in the 'authorization' metadata")
 
