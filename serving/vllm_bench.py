@@ -85,7 +85,8 @@ def vllm_cmd(model_dir: str, args: argparse.Namespace) -> tuple[list[str], dict[
     env |= dict(kv.split("=", 1) for kv in args.vllm_env)
     return ([str(args.vllm_python), "-m", "vllm.entrypoints.openai.api_server",
              "--model", model_dir, "--dtype", args.dtype, "--host", "127.0.0.1",
-             "--port", "{port}", "--max-model-len", str(args.max_model_len),
+             "--port", "{port}",
+             *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else []),
              "--max-num-seqs", str(args.max_batch_size), "--seed", "0",
              "--generation-config", "vllm", "--disable-log-stats",
              "--uvicorn-log-level", "warning"], env)
@@ -160,7 +161,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seconds-per-level", type=float, default=15.0)
     p.add_argument("--max-batch-size", type=int, default=128,
                    help="rows decoded together (ours --max-batch-size, vLLM --max-num-seqs)")
-    p.add_argument("--max-model-len", type=int, default=2048, help="vLLM --max-model-len")
+    p.add_argument("--max-model-len", type=int, default=0,
+                   help="vLLM --max-model-len (0 = the model's own context length)")
     p.add_argument("--vllm-kv-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE")
     p.add_argument("--vllm-python", default=str(VLLM_PYTHON))
     p.add_argument("--before-root", default="",
