@@ -173,3 +173,24 @@ def test_uniform_is_splitmix64_by_hand():
     assert uniform(0, 0) == (0xE220A8397B1DCDAF >> 11) / 2**53
     assert uniform(0, 1) == (0x6E789E6AA1B965F4 >> 11) / 2**53
     assert all(0.0 <= uniform(seed, step) < 1.0 for seed in (0, 2**64 - 1) for step in range(50))
+
+
+def test_partial_sort_sampling_picks_what_the_full_sort_picks():
+    """Sampling looks at the few most likely tokens first; wherever the kept set or the
+    uniform reaches past them (flat rows, uniforms near 1, top_p/top_k beyond them) the
+    answer must still be the full-sort rule's."""
+    from serving.sampling import _sample_sorted
+
+    gen = torch.Generator().manual_seed(0)
+    rows, vocab = 64, 300
+    logits = torch.randn(rows, vocab, generator=gen) * torch.linspace(0.1, 6.0, rows)[:, None]
+    temperature = torch.rand(rows, generator=gen) + 0.2
+    top_k = torch.randint(0, 40, (rows,), generator=gen) * (torch.arange(rows) % 3 == 0)
+    top_p = torch.where(torch.arange(rows) % 2 == 0, torch.ones(rows),
+                        torch.rand(rows, generator=gen) * 0.9 + 0.05)
+    u = torch.rand(rows, generator=gen)
+    u[::4] = 0.999  # deep in the tail
+    want = _sample_sorted(logits / temperature[:, None], top_k, top_p, u)
+    for candidates in [(4,), (4, 16), (64,), ()]:
+        got = sample_next(logits, temperature, top_k, top_p, u, candidates=candidates)
+        assert got.tolist() == want.tolist(), candidates
