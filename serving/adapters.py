@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 
 from rlhf.adapter_store import CONFIG_FILE, WEIGHTS_FILE, AdapterRejected
+from rlhf.contract import is_version_name
 
 log = logging.getLogger(__name__)
 
 BASE = "base"
 _PEFT_BASE = "__base__"
-VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_LORA_KEY_RE = re.compile(r"base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
 
 
 class UnknownAdapter(KeyError):
@@ -82,7 +83,7 @@ class AdapterManager:
 
         Raises AdapterRejected when the tensors do not fit the model or PEFT refuses it.
         """
-        if not VERSION_RE.match(version) or version == BASE:
+        if not is_version_name(version) or version == BASE:
             raise ValueError(f"invalid adapter version name {version!r}")
         from peft import PeftModel
 
@@ -169,7 +170,7 @@ class AdapterManager:
 def _check_lora_tensor(key: str, shape: list[int],
                        linear_shapes: dict[str, tuple[int, int]]) -> None:
     """``base_model.model.<module>.lora_A.weight`` is [r, in]; ``lora_B`` is [out, r]."""
-    match = re.match(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
+    match = _LORA_KEY_RE.fullmatch(key)
     if match is None:
         return  # embeddings, biases, modules_to_save: PEFT itself checks those
     module, which = match.groups()

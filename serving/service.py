@@ -14,8 +14,9 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+from rlhf.contract import ROLES, is_version_name, name_problem
 from rlhf.modeling import LoadedModel
-from serving.adapters import VERSION_RE, AdapterManager, UnknownAdapter
+from serving.adapters import AdapterManager, UnknownAdapter
 from serving.config import ServingConfig
 from serving.engine import (
     DeadlineExceeded,
@@ -28,7 +29,6 @@ from serving.engine import (
 )
 from serving.metrics import ServingMetrics
 
-ROLES = ("system", "user", "assistant")
 SERVER_VERSION = "0.1.0"
 _REQUEST_ID_MAX = 128
 _MAX_TEMPERATURE = 100.0
@@ -36,6 +36,8 @@ _MAX_TEMPERATURE = 100.0
 
 class Code(enum.Enum):
     INVALID_ARGUMENT = "invalid_argument"
+    UNAUTHENTICATED = "unauthenticated"
+    PERMISSION_DENIED = "permission_denied"
     NOT_FOUND = "not_found"
     RESOURCE_EXHAUSTED = "resource_exhausted"
     UNAVAILABLE = "unavailable"
@@ -44,10 +46,14 @@ class Code(enum.Enum):
 
 
 class ServiceError(Exception):
-    def __init__(self, code: Code, message: str) -> None:
+    """A status code, a message for the caller and, when one field is at fault, its name
+    (``candidates[2].rank``), carried to both wires without parsing the message."""
+
+    def __init__(self, code: Code, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.field = field
 
 
 def _invalid(message: str) -> ServiceError:
@@ -280,7 +286,7 @@ class PolicyService:
 def _check_adapter_name(version: str | None) -> str | None:
     if not version:
         return None
-    if not VERSION_RE.match(version):
+    if not is_version_name(version):
         raise _invalid(f"adapter_version {version!r} is not a valid version name "
                        "(letters, digits, '.', '_', '-'; at most 64)")
     return version
@@ -289,6 +295,8 @@ def _check_adapter_name(version: str | None) -> str | None:
 def _check_request_id(request_id: str | None) -> str:
     if not request_id:
         return uuid.uuid4().hex
-    if len(request_id) > _REQUEST_ID_MAX or not request_id.isprintable():
-        raise _invalid(f"request_id must be printable and at most {_REQUEST_ID_MAX} characters")
+    problem = name_problem(request_id, _REQUEST_ID_MAX)
+    if problem:
+        raise _invalid(f"request_id {problem} (at most {_REQUEST_ID_MAX} printable characters, "
+                       "no leading or trailing whitespace)")
     return request_id
