@@ -105,12 +105,8 @@ class Credentials:
     labeler_hashes: dict[str, str] = field(default_factory=dict)  # token hash -> labeler
 
     @classmethod
-    def from_config(cls, config) -> Credentials:  # ServingConfig (no import cycle)
+    def from_config(cls, config) -> Credentials:  # ServingConfig checked the file already
         hashes = load_labeler_tokens(config.labeler_tokens) if config.labeler_tokens else {}
-        for name, token in (("--auth-token", config.auth_token),
-                            ("--ui-token", config.ui_token)):
-            if token and hash_token(token) in hashes:
-                raise ValueError(f"a labeler token equals {name}; give each its own value")
         return cls(config.auth_token, config.ui_token, hashes)
 
     @property

@@ -69,6 +69,18 @@ class ServingConfig:
             problems.append("keep_versions must be >= 1")
         if not self.registry_poll_s > 0:
             problems.append("registry_poll_s must be > 0")
+        if self.labeler_tokens:
+            from serving.auth import hash_token, load_labeler_tokens  # the file's rules
+
+            try:
+                hashes = load_labeler_tokens(self.labeler_tokens)
+            except ValueError as exc:
+                problems.append(str(exc))
+                hashes = {}
+            for name, token in (("auth_token", self.auth_token), ("ui_token", self.ui_token)):
+                if token and hash_token(token) in hashes:
+                    problems.append(f"a labeler token equals --{name.replace('_', '-')}; "
+                                    "give each its own value")
         if self.ui_token and self.ui_token == self.auth_token:
             problems.append("ui_token must differ from auth_token (the shared token may not "
                             "name labelers)")
