@@ -12,7 +12,12 @@
 - ``POST /v1/adapters/{v}/promote`` (or ``/rollback``)  make it current on every replica
 
 Iterations run in one worker thread (``Runner``), so the API answers while one trains.
-With a token configured every route wants ``Authorization: Bearer <token>`` (else 401).
+With a token configured every route wants ``Authorization: Bearer <token>`` (else 401),
+the OpenAPI document ``GET /openapi.json`` included; nothing is public. There is no
+``/docs`` page (a browser could not send the token, and it would need a CDN). The OpenAPI
+document lists the codes each route really answers: 400 for a bad query value, 401, 404
+for an unknown iteration or version, 409 (an iteration already runs, a version fails
+verification), 503 while Redis is unreachable; every error body is ``{"detail": "..."}``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,12 @@ from typing import Any
 
 import redis
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from learner.dashboard import Dashboard
 from learner.iteration import Learner, Progress
@@ -131,10 +142,92 @@ def _auth(token: str):
     return check
 
 
-def create_app(runner: Runner, admin_token: str = "") -> FastAPI:
-    app = FastAPI(title="rlhf learner admin", dependencies=[Depends(_auth(admin_token))])
+class ErrorBody(BaseModel):
+    detail: str
 
-    @app.post("/v1/iterations", status_code=202)
+
+def _error(description: str) -> dict[str, Any]:
+    return {"model": ErrorBody, "description": description}
+
+
+NOT_FOUND = {404: _error("no such iteration or adapter version")}
+CONFLICT = {409: _error("an iteration is already running, or the version failed "
+                        "verification")}
+
+
+def _validation_detail(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        parts.append(f"{where}: {err.get('msg')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def _openapi(app: FastAPI, token: bool) -> dict[str, Any]:
+    """FastAPI's document with the codes the app really answers: its 422 is our 400,
+    every route may answer 503 (Redis down) and, with a token, 401."""
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for path in doc["paths"].values():
+            for op in path.values():
+                codes = op["responses"]
+                if codes.pop("422", None) is not None:
+                    codes["400"] = _ref("a query or path value is invalid")
+                codes["503"] = _ref("Redis is unreachable")
+                if token:
+                    codes["401"] = _ref("missing or wrong bearer token")
+                    op["security"] = [{"bearer": []}]
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        schemas["ErrorBody"] = ErrorBody.model_json_schema()
+        if token:
+            doc["components"]["securitySchemes"] = {"bearer": {"type": "http",
+                                                               "scheme": "bearer"}}
+        app.openapi_schema = doc
+    return app.openapi_schema
+
+
+def _methods(app: FastAPI, scope: dict[str, Any]) -> set[str]:
+    """The methods the routes of this request's path accept."""
+    found: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches(scope)
+        if match is not Match.NONE:
+            found |= set(getattr(route, "methods", None) or ())
+    return found
+
+
+def _ref(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+
+
+def create_app(runner: Runner, admin_token: str = "") -> FastAPI:
+    app = FastAPI(title="rlhf learner admin", dependencies=[Depends(_auth(admin_token))],
+                  openapi_url=None, docs_url=None, redoc_url=None)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _validation_detail(exc)}, 400)
+
+    @app.exception_handler(redis.RedisError)
+    async def _redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
+        log.warning("admin API: Redis failed (%s: %s)", type(exc).__name__, exc)
+        return JSONResponse({"detail": f"Redis is unreachable: {exc}"}, 503)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # Allow: every method of this path, not the first route's
+            headers["Allow"] = ", ".join(sorted(_methods(app, request.scope)))
+        return JSONResponse({"detail": str(exc.detail)}, exc.status_code, headers=headers)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi() -> JSONResponse:  # behind the token like every other route
+        return JSONResponse(_openapi(app, bool(admin_token)))
+
+    @app.post("/v1/iterations", status_code=202, responses=CONFLICT)
     def trigger() -> dict[str, Any]:
         try:
             progress = runner.trigger()
@@ -142,7 +235,7 @@ def create_app(runner: Runner, admin_token: str = "") -> FastAPI:
             raise HTTPException(409, str(exc)) from None
         return {"id": progress.id, "status": progress.status}
 
-    @app.get("/v1/iterations/{iteration_id}")
+    @app.get("/v1/iterations/{iteration_id}", responses=NOT_FOUND)
     def get_iteration(iteration_id: str) -> dict[str, Any]:
         found = runner.get(iteration_id)
         if found is None:
@@ -185,7 +278,7 @@ def _adapter_routes(app: FastAPI, learner: Learner) -> None:
                          "created_at": m.created_at if m else None})
         return {"current": now, "versions": rows}
 
-    @app.get("/v1/adapters/{version}")
+    @app.get("/v1/adapters/{version}", responses=NOT_FOUND)
     def adapter(version: str) -> dict[str, Any]:
         manifest = adapter_store.get_manifest(client, version)
         if manifest is None:
@@ -201,5 +294,5 @@ def _adapter_routes(app: FastAPI, learner: Learner) -> None:
             raise HTTPException(409, f"refusing {version}: {exc}") from None
         return {"current": version, "previous": previous}
 
-    app.post("/v1/adapters/{version}/promote")(switch)
-    app.post("/v1/adapters/{version}/rollback")(switch)
+    app.post("/v1/adapters/{version}/promote", responses={**NOT_FOUND, **CONFLICT})(switch)
+    app.post("/v1/adapters/{version}/rollback", responses={**NOT_FOUND, **CONFLICT})(switch)
