@@ -44,6 +44,29 @@ def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
     return None
 
 
+def forwarded_labeler(context: grpc.aio.ServicerContext) -> str | None:
+    """``x-rlhf-labeler`` (ASCII) or ``x-rlhf-labeler-bin`` (UTF-8: any name; gRPC text
+    metadata is ASCII only)."""
+    for k, v in context.invocation_metadata() or ():
+        if k == LABELER_HEADER + "-bin" and isinstance(v, bytes):
+            try:
+                return v.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ServiceError(Code.INVALID_ARGUMENT, f"{LABELER_HEADER}-bin is not "
+                                   "UTF-8", field="labeler_id") from None
+    return _metadata(context, LABELER_HEADER)
+
+
+def header_text(value: str | None) -> str | None:
+    """An HTTP header as the UTF-8 its bytes are (Starlette decodes them as latin-1)."""
+    if value is None:
+        return None
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return value
+
+
 class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
     def __init__(self, feedback: FeedbackService, credentials: Credentials) -> None:
         self.feedback, self.credentials = feedback, credentials
@@ -52,7 +75,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
                      context: grpc.aio.ServicerContext) -> feedback_pb2.SubmitResponse:
         try:
             claim = self.credentials.claim(_metadata(context, "authorization"),
-                                           _metadata(context, LABELER_HEADER))
+                                           forwarded_labeler(context))
             result = await self.feedback.submit(request.comparison, claim)
         except ServiceError as exc:
             trailing = ((FIELD_METADATA, exc.field),) if exc.field else ()
@@ -92,7 +115,7 @@ def feedback_router(feedback: FeedbackService, credentials: Credentials) -> APIR
     async def submit_comparison(request: Request) -> JSONResponse:
         try:
             claim = credentials.claim(request.headers.get("authorization"),
-                                      request.headers.get(LABELER_HEADER))
+                                      header_text(request.headers.get(LABELER_HEADER)))
             result = await feedback.submit(parse_comparison(await request.body()), claim)
         except APIError as exc:
             return exc.response()

@@ -218,3 +218,32 @@ def test_without_a_shared_token_rankings_still_need_a_labeler_credential(tiny_mo
         assert got.status_code == 401 and got.headers["www-authenticate"] == "Bearer"
     finally:
         srv.stop()
+
+
+def test_the_ui_client_submits_as_the_logged_in_person_any_name(server, r):
+    """ui.client names the labeler from the UI token; a non-ASCII name goes as UTF-8 in
+    x-rlhf-labeler-bin (gRPC text metadata is ASCII only), over HTTP as UTF-8 bytes."""
+    from ui.client import ServingClient, ServingError
+
+    client = ServingClient(server.grpc_target, UI, timeout_s=10)
+    try:
+        for name in ("dana", "José Müller", "李雷"):
+            reply = client.submit(record(name))
+            stored = stored_record(r, reply.stream_entry_id)
+            assert (stored.labeler_id, stored.labeler_auth) == (name,
+                                                                fb.LABELER_AUTH_UI_LOGIN)
+    finally:
+        client.close()
+    shared = ServingClient(server.grpc_target, SHARED, timeout_s=10)
+    try:
+        with pytest.raises(ServingError) as err:
+            shared.submit(record("dana"))
+        assert err.value.code == grpc.StatusCode.PERMISSION_DENIED and not err.value.retryable
+        assert "would not store this ranking under your name" in str(err.value)
+    finally:
+        shared.close()
+    got = httpx.post(server.http_base + ROUTE, content=json_format.MessageToJson(
+        record("José Müller")), timeout=10, headers={
+        "authorization": f"Bearer {UI}", "x-rlhf-labeler": "José Müller".encode()})
+    assert got.status_code == 200, got.text
+    assert stored_record(r, got.json()["stream_entry_id"]).labeler_id == "José Müller"

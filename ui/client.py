@@ -74,6 +74,15 @@ def user_message(exc: grpc.RpcError, action: str) -> ServingError:
     return ServingError(text, code, retryable)
 
 
+def labeler_metadata(labeler: str) -> list[tuple[str, str | bytes]]:
+    """gRPC text metadata is printable ASCII; any other name goes as UTF-8 in ``-bin``."""
+    if not labeler:
+        return []
+    if labeler.isascii() and labeler.isprintable():
+        return [(LABELER_METADATA, labeler)]
+    return [(LABELER_METADATA + "-bin", labeler.encode("utf-8"))]
+
+
 class ServingClient:
     """Synchronous gRPC client of `rlhf serve` (Gradio runs handlers in worker threads)."""
 
@@ -115,7 +124,7 @@ class ServingClient:
         """Store one ranking as its labeler (the logged-in person the handlers put in
         ``record.labeler_id``); OK only after Redis accepted it (idempotent by record.id)."""
         who = record.labeler_id
-        metadata = [*self._metadata, *([(LABELER_METADATA, who)] if who else [])]
+        metadata = [*self._metadata, *labeler_metadata(who)]
         try:
             return self._feedback.Submit(fb.SubmitRequest(comparison=record),
                                          timeout=min(self._timeout, 30.0), metadata=metadata)
