@@ -24,6 +24,7 @@ from serving.auth import LABELER_HEADER, Credentials
 from serving.feedback import FeedbackService, SubmitResult
 from serving.feedback_openapi import SUBMIT_RESPONSES, submit_openapi
 from serving.grpc_server import STATUS as GRPC_STATUS
+from serving.grpc_server import _metadata
 from serving.http_api import STATUS as HTTP_STATUS
 from serving.http_api import APIError
 from serving.service import Code, ServiceError
@@ -35,13 +36,6 @@ FIELD_METADATA = "rlhf-field"
 def to_response(result: SubmitResult) -> feedback_pb2.SubmitResponse:
     return feedback_pb2.SubmitResponse(id=result.id, duplicate=result.duplicate,
                                        stream_entry_id=result.stream_entry_id)
-
-
-def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
-    for k, v in context.invocation_metadata() or ():
-        if k == key and isinstance(v, str):
-            return v
-    return None
 
 
 def forwarded_labeler(context: grpc.aio.ServicerContext) -> str | None:
