@@ -46,10 +46,18 @@ _FORMATS: dict[tuple[str, str], dict[str, Any]] = {
     ("rlhf.v1.Candidate", "position"): {"maximum": 8},
     ("rlhf.v1.Candidate", "request_id"): {"maxLength": 128},
     ("rlhf.v1.ChatMessage", "role"): {"enum": list(contract.ROLES)},
+    ("rlhf.v1.ChatMessage", "content"): {"minLength": 1},
+    ("rlhf.v1.Candidate", "text"): {"minLength": 1},
     ("rlhf.v1.SamplingParams", "temperature"): {"minimum": 0,
                                                  "maximum": contract.MAX_TEMPERATURE},
     ("rlhf.v1.SamplingParams", "top_p"): {"exclusiveMinimum": 0, "maximum": 1},
 }
+
+
+# Fields without which no record is valid (their names are the same in both spellings).
+_REQUIRED = {"rlhf.v1.Comparison": ("id", "messages", "candidates"),
+             "rlhf.v1.ChatMessage": ("role", "content"),
+             "rlhf.v1.Candidate": ("text", "rank")}
 
 
 def _field_schema(f: FieldDescriptor) -> dict[str, Any]:
@@ -80,8 +88,11 @@ def message_schema(desc: Descriptor) -> dict[str, Any]:
         props[f.name] = schema
         if f.json_name != f.name:
             props[f.json_name] = schema
-    return {"type": "object", "properties": props, "additionalProperties": False,
-            "description": f"{desc.full_name} in protobuf's canonical JSON mapping"}
+    schema = {"type": "object", "properties": props, "additionalProperties": False,
+              "description": f"{desc.full_name} in protobuf's canonical JSON mapping"}
+    if desc.full_name in _REQUIRED:
+        schema["required"] = list(_REQUIRED[desc.full_name])
+    return schema
 
 
 def submit_openapi() -> dict[str, Any]:

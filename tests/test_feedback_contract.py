@@ -220,3 +220,16 @@ def test_versions_come_from_the_registry_without_any_model(env):
             await service.store.close()
 
     assert asyncio.run(submit_both()) == (False, "candidates[0].adapter_version")
+
+
+def test_the_feedback_route_documents_its_body_and_its_codes(env):
+    doc = httpx.get(env["server"].http_base + "/openapi.json", timeout=10).json()
+    op = doc["paths"][ROUTE]["post"]
+    body = op["requestBody"]["content"]["application/json"]["schema"]
+    assert body["additionalProperties"] is False and body["required"] == [
+        "id", "messages", "candidates"]
+    assert {"labeler_id", "labelerId", "candidates", "messages"} <= set(body["properties"])
+    candidate = body["properties"]["candidates"]["items"]
+    assert candidate["properties"]["sampling"]["properties"]["top_p"]["exclusiveMinimum"] == 0
+    assert body["properties"]["id"]["pattern"] == "^[A-Za-z0-9_-]{8,64}$"
+    assert set(op["responses"]) == {"200", "400", "401", "403", "413", "503"}
