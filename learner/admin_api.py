@@ -31,13 +31,8 @@ from typing import Any
 
 import redis
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
+from learner.admin_errors import CONFLICT, NOT_FOUND, install_errors_and_openapi
 from learner.dashboard import Dashboard
 from learner.iteration import Learner, Progress
 from rlhf import adapter_store
@@ -142,90 +137,10 @@ def _auth(token: str):
     return check
 
 
-class ErrorBody(BaseModel):
-    detail: str
-
-
-def _error(description: str) -> dict[str, Any]:
-    return {"model": ErrorBody, "description": description}
-
-
-NOT_FOUND = {404: _error("no such iteration or adapter version")}
-CONFLICT = {409: _error("an iteration is already running, or the version failed "
-                        "verification")}
-
-
-def _validation_detail(exc: RequestValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err.get("loc", ()))
-        parts.append(f"{where}: {err.get('msg')}")
-    return "; ".join(parts) or "invalid request"
-
-
-def _openapi(app: FastAPI, token: bool) -> dict[str, Any]:
-    """FastAPI's document with the codes the app really answers: its 422 is our 400,
-    every route may answer 503 (Redis down) and, with a token, 401."""
-    if app.openapi_schema is None:
-        doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
-        for path in doc["paths"].values():
-            for op in path.values():
-                codes = op["responses"]
-                if codes.pop("422", None) is not None:
-                    codes["400"] = _ref("a query or path value is invalid")
-                codes["503"] = _ref("Redis is unreachable")
-                if token:
-                    codes["401"] = _ref("missing or wrong bearer token")
-                    op["security"] = [{"bearer": []}]
-        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-        for name in ("HTTPValidationError", "ValidationError"):
-            schemas.pop(name, None)
-        schemas["ErrorBody"] = ErrorBody.model_json_schema()
-        if token:
-            doc["components"]["securitySchemes"] = {"bearer": {"type": "http",
-                                                               "scheme": "bearer"}}
-        app.openapi_schema = doc
-    return app.openapi_schema
-
-
-def _methods(app: FastAPI, scope: dict[str, Any]) -> set[str]:
-    """The methods the routes of this request's path accept."""
-    found: set[str] = set()
-    for route in app.router.routes:
-        match, _ = route.matches(scope)
-        if match is not Match.NONE:
-            found |= set(getattr(route, "methods", None) or ())
-    return found
-
-
-def _ref(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {
-        "schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
-
-
 def create_app(runner: Runner, admin_token: str = "") -> FastAPI:
     app = FastAPI(title="rlhf learner admin", dependencies=[Depends(_auth(admin_token))],
                   openapi_url=None, docs_url=None, redoc_url=None)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": _validation_detail(exc)}, 400)
-
-    @app.exception_handler(redis.RedisError)
-    async def _redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
-        log.warning("admin API: Redis failed (%s: %s)", type(exc).__name__, exc)
-        return JSONResponse({"detail": f"Redis is unreachable: {exc}"}, 503)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        headers = dict(exc.headers or {})
-        if exc.status_code == 405:  # Allow: every method of this path, not the first route's
-            headers["Allow"] = ", ".join(sorted(_methods(app, request.scope)))
-        return JSONResponse({"detail": str(exc.detail)}, exc.status_code, headers=headers)
-
-    @app.get("/openapi.json", include_in_schema=False)
-    def openapi() -> JSONResponse:  # behind the token like every other route
-        return JSONResponse(_openapi(app, bool(admin_token)))
+    install_errors_and_openapi(app, bool(admin_token))
 
     @app.post("/v1/iterations", status_code=202, responses=CONFLICT)
     def trigger() -> dict[str, Any]:
