@@ -182,7 +182,7 @@ async def _phase_load(config: ServingConfig, service: PolicyService, run: Runnin
     run.follower = await _start_follower(config, service, engine)
     if run.feedback is not None and run.follower is not None:
         follower = run.follower  # a version this replica refused is not a ranking's source
-        run.feedback.versions.refused = lambda: follower.refused
+        run.feedback.versions.refused = lambda: tuple(follower.refused.copy())  # atomic
     for name in run.health_names:
         await run.health.set(name, SERVING)
     log.info("serving %s", service.info().base_model)
