@@ -1,9 +1,9 @@
 """LearnerConfig: the one frozen configuration of a learner process (DESIGN.md §7).
 
-Flat scalar fields, so every knob is a ``--flag`` and an ``RLHF_LEARN_*`` variable through
-``rlhf.settings``; ``rm_config()`` / ``ppo_config()`` turn the ``rm_*`` / ``ppo_*`` knobs
-into the frozen configs of the reward-model and PPO loops (their other fields keep their
-defaults).
+The reward-model and PPO loops' own configs nest inside it (``cfg.rm``, ``cfg.ppo``), so
+every knob is defined once, where it is used, and is still a flag and a variable through
+``rlhf.settings``: ``--rm-lr`` / ``RLHF_LEARN_RM_LR``, ``--ppo-kl-horizon`` /
+``RLHF_LEARN_PPO_KL_HORIZON``. ``seed`` and ``threads`` are the learner's and flow down.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from learner.ppo import PPOConfig
 from learner.reward_model import RMConfig
+from rlhf.settings import nested, propagate_shared
 from rlhf.settings import setting as _f
 
 ENV_PREFIX = "RLHF_LEARN_"
@@ -51,29 +52,10 @@ class LearnerConfig:
     ptx_eval_texts: int = _f(16, "pretraining texts for the ptx loss before/after PPO")
     seed: int = _f(0, "seed of splits, sampling and shuffling")
 
-    rm_lr: float = _f(1e-3, "reward model: peak learning rate")
-    rm_epochs: int = _f(1, "reward model: passes over all comparisons per iteration")
-    rm_batch: int = _f(4, "reward model: comparisons (all K candidates) per step; in one "
-                       "epoch 4 beat 16 and 8 on held-out accuracy at the same s/epoch "
-                       "(learner.trl_bench rm: 0.98 vs 0.85 and 0.93)")
-    rm_micro_batch: int = _f(4, "reward model: comparisons per forward/backward inside a "
-                             "step (same gradient, less activation memory); 0 = whole step")
-    rm_max_length: int = _f(512, "reward model: tokens per prompt+completion row")
-    rm_lora_rank: int = _f(8, "reward model: LoRA rank")
-    rm_heldout_fraction: float = _f(0.1, "reward model: share held out (by labeler)")
-
     ppo_steps: int = _f(4, "PPO steps (each ppo_batch_size episodes) per iteration")
-    ppo_lr: float = _f(1e-4, "PPO: learning rate of the policy LoRA and value head")
-    ppo_batch_size: int = _f(16, "PPO: episodes per step")
-    ppo_minibatch_size: int = _f(8, "PPO: episodes per optimizer step")
-    ppo_epochs: int = _f(1, "PPO: passes over each batch")
-    ppo_kl_coef: float = _f(0.02, "PPO: beta of the per-token KL penalty")
-    ppo_target_kl: float = _f(0.0, "PPO: adaptive-KL target; 0 = fixed beta")
-    ppo_ptx_coef: float = _f(0.0, "PPO: gamma_ptx, weight of the pretraining LM loss")
-    ppo_temperature: float = _f(1.0, "PPO: sampling and scoring temperature")
-    ppo_top_p: float = _f(1.0, "PPO: sampling and scoring top-p")
-    ppo_max_new_tokens: int = _f(32, "PPO: response length cap")
-    ppo_lora_rank: int = _f(8, "PPO: rank of the policy LoRA")
+    rm: RMConfig = nested(RMConfig, "reward model training (--rm-*)",
+                          shared=("seed", "threads"))
+    ppo: PPOConfig = nested(PPOConfig, "LoRA-PPO (--ppo-*)", shared=("seed",))
 
     def __post_init__(self) -> None:
         problems = []
@@ -85,20 +67,4 @@ class LearnerConfig:
             problems.append("ptx_eval_texts must be >= 1")
         if problems:
             raise ValueError("invalid learner config: " + "; ".join(problems))
-        self.rm_config()  # the nested configs check their own knobs now, not mid-iteration
-        self.ppo_config()
-
-    def rm_config(self) -> RMConfig:
-        return RMConfig(lr=self.rm_lr, epochs=self.rm_epochs, max_length=self.rm_max_length,
-                        comparisons_per_batch=self.rm_batch, lora_rank=self.rm_lora_rank,
-                        micro_batch=self.rm_micro_batch,
-                        heldout_fraction=self.rm_heldout_fraction, seed=self.seed)
-
-    def ppo_config(self) -> PPOConfig:
-        return PPOConfig(lr=self.ppo_lr, batch_size=self.ppo_batch_size,
-                         minibatch_size=self.ppo_minibatch_size, ppo_epochs=self.ppo_epochs,
-                         ptx_coef=self.ppo_ptx_coef, init_kl_coef=self.ppo_kl_coef,
-                         target_kl=self.ppo_target_kl or None,
-                         temperature=self.ppo_temperature, top_p=self.ppo_top_p,
-                         max_new_tokens=self.ppo_max_new_tokens, lora_rank=self.ppo_lora_rank,
-                         seed=self.seed)
+        propagate_shared(self)

@@ -92,7 +92,7 @@ def run(model_dir: str, out: Path) -> dict:
                    out / f"rank{rank}_{name}.pt")
 
     torch.manual_seed(1234 + rank)  # 1: ranks start different on purpose
-    rm_cfg = RMConfig(lr=3e-3, comparisons_per_batch=5, max_length=96, lora_rank=4,
+    rm_cfg = RMConfig(lr=3e-3, batch=5, max_length=96, lora_rank=4,
                       heldout_fraction=0.25, seed=0)
     rm = RewardModel(loaded.model, rm_cfg)
     save("init", None, {"world": world})

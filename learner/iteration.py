@@ -94,7 +94,7 @@ class Learner:
     def __init__(self, cfg: LearnerConfig, loaded: LoadedModel,
                  client: redis.Redis | None = None) -> None:
         self.cfg, self.loaded = cfg, loaded
-        self.rm_cfg, self.ppo_cfg = cfg.rm_config(), cfg.ppo_config()
+        self.rm_cfg, self.ppo_cfg = cfg.rm, cfg.ppo
         self.client = client or redis.Redis.from_url(cfg.redis_url, socket_connect_timeout=5.0)
         self.data_dir = Path(cfg.data_dir)
         self.dataset = ComparisonDataset(self.data_dir / "comparisons")
@@ -196,7 +196,7 @@ class Learner:
             for p, init in zip(self._rm_tensors(), self._rm_init, strict=True):
                 p.copy_(init)
         cfg = self.cfg
-        train, heldout, _ = split_by_labeler(work.comparisons, cfg.rm_heldout_fraction, cfg.seed)
+        train, heldout, _ = split_by_labeler(work.comparisons, cfg.rm.heldout_fraction, cfg.seed)
         train_prompts, held_prompts = distinct_prompts(train), distinct_prompts(heldout)
         unseen = [p for p in held_prompts if p not in set(train_prompts)]
         pool = train_prompts or held_prompts

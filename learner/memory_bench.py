@@ -32,7 +32,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import fields
 from pathlib import Path
 
 import redis
@@ -41,10 +40,12 @@ import torch
 from learner.config import LearnerConfig
 from learner.efficacy import label
 from learner.iteration import Learner, Progress
-from rlhf import comparisons
+from rlhf import comparisons, settings
 from rlhf.gold import gold_tasks
 from rlhf.local_redis import private_redis
 from rlhf.modeling import load_model
+from rlhf.preferences import Item
+from rlhf.preferences import get as get_preference
 from rlhf.starter import ensure_starter_model
 from rlhf.starter_data import ANSWER_STYLES, render_answer
 from rlhf.v1 import feedback_pb2 as fb
@@ -148,7 +149,8 @@ def k4_records(n: int, seed: int) -> list[fb.Comparison]:
     rng = random.Random(seed)
     tasks = gold_tasks(n, seed)
     answers = [[render_answer(t, style, rng) for style in ANSWER_STYLES] for t in tasks]
-    return label(tasks, answers, iteration=seed, labelers=5, seed=seed, version="base")
+    return label([Item(t.prompt, t) for t in tasks], answers, iteration=seed, labelers=5,
+                 seed=seed, version="base", preference=get_preference("gold"))
 
 
 def _persistent_extra(learner: Learner) -> int:
@@ -160,26 +162,22 @@ def _persistent_extra(learner: Learner) -> int:
     return _bytes(tensors)
 
 
-def _overrides(pairs: list[str]) -> dict:
-    """``--set ppo_minibatch_size=4`` -> {"ppo_minibatch_size": 4} (typed by the field)."""
-    types = {f.name: type(f.default) for f in fields(LearnerConfig)}
-    out = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        if key not in types:
-            raise SystemExit(f"--set {pair}: {key!r} is not a LearnerConfig field")
-        kind = types[key]
-        out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-    return out
+def _overrides(pairs: list[str]) -> dict[str, str]:
+    """``--set ppo_minibatch_size=4`` -> {"ppo_minibatch_size": "4"} (typed when built)."""
+    return dict(pair.partition("=")[::2] for pair in pairs)
 
 
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     model = args.model or str(ensure_starter_model())
     with private_redis("rlhf-membench-") as url, tempfile.TemporaryDirectory() as tmp:
-        cfg = LearnerConfig(model=model, device=args.device, redis_url=url,
-                            data_dir=f"{tmp}/data", adapter_store=f"{tmp}/store",
-                            threads=args.threads, **_overrides(args.set))
+        try:
+            cfg = settings.from_flat(LearnerConfig, {
+                **_overrides(args.set), "model": model, "device": args.device,
+                "redis_url": url, "data_dir": f"{tmp}/data", "adapter_store": f"{tmp}/store",
+                "threads": args.threads})
+        except ValueError as exc:
+            raise SystemExit(f"--set: {exc}") from None
         loaded = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
         base = _bytes([*loaded.model.parameters(), *loaded.model.buffers()])
         client = redis.Redis.from_url(url)
@@ -206,9 +204,11 @@ def run(args: argparse.Namespace) -> dict:
             "measure": "cuda max_memory_allocated" if learner.rm.device.type == "cuda"
             else "live CPU tensors at start + peak of the profiler's allocation timeline",
             "base_weight_bytes": base, "comparisons_per_iteration": args.comparisons,
-            "config": {k: getattr(cfg, k) for k in (
-                "rm_batch", "rm_micro_batch", "rm_max_length", "ppo_batch_size",
-                "ppo_minibatch_size", "ppo_max_new_tokens")},
+            "config": {"rm_batch": cfg.rm.batch, "rm_micro_batch": cfg.rm.micro_batch,
+                       "rm_max_length": cfg.rm.max_length,
+                       "ppo_batch_size": cfg.ppo.batch_size,
+                       "ppo_minibatch_size": cfg.ppo.minibatch_size,
+                       "ppo_max_new_tokens": cfg.ppo.max_new_tokens},
             "iterations": iterations, "target_peak_over_base": 3.0,
             "four_model_floor_bytes": 6 * base, "four_model_floor_over_base": 6.0}
 

@@ -50,13 +50,13 @@ class PPOConfig:
     lr: float = _f(1e-4, "Adam learning rate of the policy LoRA and the value head")
     batch_size: int = _f(16, "episodes (prompts) per ppo_step: pass exactly this many")
     minibatch_size: int = _f(8, "episodes per optimizer step inside update")
-    ppo_epochs: int = _f(1, "passes over each batch (InstructGPT 1; more diverged in DS-Chat)")
+    epochs: int = _f(1, "passes over each batch (InstructGPT 1; more diverged in DS-Chat)")
     clip: float = _f(0.2, "PPO ratio clip epsilon, also used for the value clip")
     vf_coef: float = _f(0.1, "weight of the value loss in the joint loss")
     ptx_coef: float = _f(0.0, "gamma_ptx: weight of the pretraining LM loss (paper 27.8)")
-    init_kl_coef: float = _f(0.02, "beta of the per-token KL penalty (InstructGPT 0.02)")
-    target_kl: float | None = _f(None, "per-sequence KL target of the adaptive controller "
-                                 "(Ziegler et al. 2019); None = fixed beta")
+    kl_coef: float = _f(0.02, "beta of the per-token KL penalty (InstructGPT 0.02)")
+    target_kl: float = _f(0.0, "per-sequence KL target of the adaptive controller "
+                          "(Ziegler et al. 2019); 0 = fixed beta")
     kl_horizon: int = _f(10000, "adaptive KL horizon in episodes")
     temperature: float = _f(1.0, "sampling AND scoring temperature (InstructGPT 1.0)")
     top_p: float = _f(1.0, "nucleus of sampling AND scoring; 1.0 = the full distribution")
@@ -155,8 +155,8 @@ def make_ppo_state(base: nn.Module, tokenizer, cfg: PPOConfig, rm: RewardModel |
     hidden = peft.get_base_model().config.hidden_size
     device = next(peft.parameters()).device
     head = nn.Linear(hidden, 1, device=device)
-    kl_ctl = (FixedKL(cfg.init_kl_coef) if cfg.target_kl is None
-              else AdaptiveKL(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon))
+    kl_ctl = (FixedKL(cfg.kl_coef) if not cfg.target_kl
+              else AdaptiveKL(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon))
     state = PPOState(peft, tokenizer, cfg, head, None, kl_ctl, rm, scorer, ref_adapter)  # type: ignore[arg-type]
     _activate(state, POLICY)
     state.optimizer = torch.optim.Adam(state.trainable_parameters(), lr=cfg.lr, betas=(0.9, 0.95))
@@ -328,7 +328,7 @@ def _slice(ro: Rollout, idx: Tensor) -> Rollout:
 
 def update(state: PPOState, ro: Rollout, sc: Scored, adv: Tensor, returns: Tensor,
            ptx_texts: Sequence[str]) -> dict[str, float]:
-    """``ppo_epochs`` passes of minibatches: policy + vf_coef * value + ptx_coef * ptx in ONE
+    """``epochs`` passes of minibatches: policy + vf_coef * value + ptx_coef * ptx in ONE
     optimizer step (InstructGPT accumulates both gradients into the same step).
 
     Data-parallel: ``ro`` is this rank's shard of the batch and ``ptx_texts`` the global
@@ -340,7 +340,7 @@ def update(state: PPOState, ro: Rollout, sc: Scored, adv: Tensor, returns: Tenso
     gen = torch.Generator().manual_seed(cfg.seed + state.step)
     local_mb = cfg.minibatch_size // dd.world_size()
     n_mb, local_ptx = ro.response.size(0) // local_mb, dd.shard(list(ptx_texts))
-    for _ in range(cfg.ppo_epochs):
+    for _ in range(cfg.epochs):
         order = torch.randperm(ro.response.size(0), generator=gen).to(adv.device)
         for k, idx in enumerate(order.split(local_mb)):
             mb, m = _slice(ro, idx), ro.response_mask[idx]

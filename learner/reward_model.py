@@ -48,7 +48,9 @@ class RMConfig:
     epochs: int = _f(1, "passes over the comparisons per iteration (InstructGPT: 1)")
     max_length: int = _f(512, "tokens per prompt+completion row; the prompt is cut from the "
                          "left; capped at the model's context length")
-    comparisons_per_batch: int = _f(16, "comparisons (all K candidates each) per step")
+    batch: int = _f(4, "comparisons (all K candidates each) per step; in one epoch 4 beat "
+                    "16 and 8 on held-out accuracy at the same s/epoch (learner.trl_bench rm: "
+                    "0.98 vs 0.85 and 0.93)")
     micro_batch: int = _f(4, "comparisons per forward/backward inside a step; the gradients "
                           "add up to the same step, with a quarter of the activation memory "
                           "at the default; 0 = the whole step at once")
@@ -61,8 +63,8 @@ class RMConfig:
     log_every: int = _f(20, "log progress every N steps")
 
     def __post_init__(self) -> None:
-        if self.lr <= 0 or self.epochs < 1 or self.comparisons_per_batch < 1:
-            raise ValueError("lr > 0, epochs >= 1 and comparisons_per_batch >= 1 required")
+        if self.lr <= 0 or self.epochs < 1 or self.batch < 1:
+            raise ValueError("lr > 0, epochs >= 1 and batch >= 1 required")
         if self.micro_batch < 0:
             raise ValueError("micro_batch must be >= 0 (0 = the whole step at once)")
         if not 0.0 <= self.heldout_fraction < 1.0:
@@ -327,12 +329,12 @@ def train_reward_model(rm: RewardModel, tokenizer, train: Sequence[Comparison],
                        cfg: RMConfig, on_step: StepCallback | None = None
                        ) -> dict[str, float]:
     """Phases: 1. encode, 2. optimizer + schedule, 3. epochs over shuffled comparisons in
-    batches of ``comparisons_per_batch`` -> ``rm/...`` training metrics."""
+    batches of ``batch`` -> ``rm/...`` training metrics."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
     encoded = _encode_all(rm, tokenizer, train, cfg)  # 1
-    steps = math.ceil(len(encoded) / cfg.comparisons_per_batch) * cfg.epochs
+    steps = math.ceil(len(encoded) / cfg.batch) * cfg.epochs
     opt, sched = _optimizer(rm, cfg, steps)  # 2
     dd.broadcast_params(rm.trainable_parameters())  # data-parallel ranks start identical
     log.info("rm: training on %d comparisons (%d all-tied skipped), %d steps", len(encoded),
@@ -343,7 +345,7 @@ def train_reward_model(rm: RewardModel, tokenizer, train: Sequence[Comparison],
     for epoch in range(cfg.epochs):  # 3
         order = list(encoded)
         random.Random(cfg.seed + epoch).shuffle(order)
-        last = _train_epoch(rm, _batches(order, cfg.comparisons_per_batch), opt, sched, pad_id,
+        last = _train_epoch(rm, _batches(order, cfg.batch), opt, sched, pad_id,
                             cfg, epoch, on_step)
         rows += round(last.total[4].item())
     seconds = time.perf_counter() - start
@@ -364,7 +366,7 @@ def evaluate_rm(rm: RewardModel, tokenizer, comparisons: Sequence[Comparison],
     data-parallel ranks each score their shard and the tallies are summed."""
     tally = _Tally()
     for batch in _batches(dd.shard(_encode_all(rm, tokenizer, comparisons, cfg)),
-                          cfg.micro_batch or cfg.comparisons_per_batch):
+                          cfg.micro_batch or cfg.batch):
         ids, mask, group, rank = collate(batch, _pad_id(tokenizer), rm.device)
         tally.total += _Tally.of(*kwise_rm_loss(rm.score(ids, mask), group, rank), ids.size(0))
     tally = tally.reduced()
@@ -387,7 +389,7 @@ def calibrate_bias(rm: RewardModel, tokenizer,
             for messages, text in dd.shard(prompts_and_reference_samples)]
     raw = torch.cat([rm.score(*collate(batch, _pad_id(tokenizer), rm.device)[:2]) - rm.bias
                      for batch in _batches(rows, 4 * (cfg.micro_batch
-                                                      or cfg.comparisons_per_batch))]
+                                                      or cfg.batch))]
                     + [rm.bias.new_zeros(0)]).float()
     mean, var = dd.global_masked_moments(raw, torch.ones_like(raw))
     n = len(prompts_and_reference_samples)

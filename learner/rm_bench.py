@@ -100,7 +100,7 @@ def bench_hh(args: argparse.Namespace, model_dir: str) -> dict:
     cut = int(len(data) * args.hh_train_fraction)
     train, test = data[:cut], data[cut:]
     cfg = RMConfig(lr=args.lr, max_length=args.hh_max_length, seed=args.seed,
-                   comparisons_per_batch=args.batch, threads=args.threads,
+                   batch=args.batch, threads=args.threads,
                    epochs=args.hh_epochs, lora_rank=args.hh_lora_rank,
                    lora_targets=tuple(args.hh_lora_targets.split(",")))
     rm, tok = _fresh_rm(model_dir, cfg)
@@ -124,7 +124,7 @@ def bench_kwise_vs_pairwise(args: argparse.Namespace, model_dir: str) -> dict:
     for name, data, per_step in (("kwise", train, args.batch),
                                  ("pairwise", pairs, args.batch * per_prompt)):
         cfg = RMConfig(lr=args.lr, max_length=128, seed=args.seed, threads=args.threads,
-                       comparisons_per_batch=per_step)
+                       batch=per_step)
         rm, tok = _fresh_rm(model_dir, cfg)
         metrics = train_reward_model(rm, tok, data, cfg)
         held = evaluate_rm(rm, tok, test, cfg)

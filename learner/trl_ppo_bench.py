@@ -99,7 +99,7 @@ def run_ours(args: argparse.Namespace, model_dir: str, batches: list[list[str]])
     torch.manual_seed(args.seed)
     rm = RewardModel(loaded.model, RMConfig(lora_rank=args.lora_rank, lora_targets=TARGETS))
     cfg = PPOConfig(lr=args.ppo_lr, batch_size=args.ppo_batch, minibatch_size=args.minibatch,
-                    ppo_epochs=1, max_new_tokens=args.response_length, temperature=1.0,
+                    epochs=1, max_new_tokens=args.response_length, temperature=1.0,
                     top_p=1.0, lora_rank=args.lora_rank, seed=args.seed)
     state = make_ppo_state(rm.peft, loaded.tokenizer, cfg, rm=rm)
     meter = GenerationMeter(state.peft, loaded.tokenizer.eos_token_id)

@@ -48,7 +48,7 @@ ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
 def _rm_config(args: argparse.Namespace, seed: int, batch: int) -> RMConfig:
     return RMConfig(lr=args.rm_lr, epochs=args.epochs, max_length=MAX_LENGTH,
-                    comparisons_per_batch=batch, lora_rank=args.lora_rank,
+                    batch=batch, lora_rank=args.lora_rank,
                     lora_targets=TARGETS, seed=seed, threads=args.threads)
 
 

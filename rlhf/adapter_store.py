@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
+
+from rlhf.adapter_checks import config_problem, fingerprint, weight_problems
 
 VERSIONS = "rlhf:adapters:versions"
 ORDER = "rlhf:adapters:order"
@@ -41,6 +44,8 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MANIFEST_FILE = "manifest.json"
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+# A version names a directory of the store: no path separators, no leading dot, no "..".
+_VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class AdapterRejected(Exception):
@@ -126,6 +131,7 @@ def publish(store: str | Path, version: str, adapter: str | Path | Any, *, paren
     tmp.mkdir()
     try:
         _write_adapter(adapter, tmp)
+        check_weights(tmp)  # the learner never publishes NaN or exploded weights
         for name in ADAPTER_FILES:
             fsync_path(tmp / name)
         fsync_path(tmp)
@@ -146,28 +152,66 @@ def publish(store: str | Path, version: str, adapter: str | Path | Any, *, paren
     return manifest
 
 
+def check_weights(folder: Path) -> None:
+    """Raise ``AdapterRejected`` unless the adapter's files parse and every weight is
+    finite and within the bounds of ``rlhf/adapter_checks.py``."""
+    from safetensors.torch import load_file
+
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        tensors = load_file(str(folder / WEIGHTS_FILE))
+    except Exception as exc:  # SafetensorError, OSError, JSON: any unreadable file
+        raise AdapterRejected("load_error", f"{folder.name}: unreadable adapter files "
+                              f"({type(exc).__name__}: {exc})") from None
+    problem = config_problem(config)
+    if problem is not None:
+        raise AdapterRejected("values", f"{folder.name}: {problem}")
+    problems = weight_problems(tensors)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise AdapterRejected("values", f"{folder.name}: {problems[0]}{more}")
+
+
+def version_fingerprint(store: str | Path, version: str) -> tuple:
+    """Changes whenever a file of ``STORE/<version>`` is written or replaced."""
+    return fingerprint(Path(store) / version, (MANIFEST_FILE, *ADAPTER_FILES))
+
+
 def verify(store: str | Path, version: str, expected_base_model: str) -> Manifest:
-    """Re-hash ``STORE/<version>`` against its manifest; raises ``AdapterRejected``."""
+    """Re-hash ``STORE/<version>`` against its manifest and check its weights' values;
+    raises ``AdapterRejected``."""
+    if not _VERSION_NAME.fullmatch(version) or ".." in version:
+        raise AdapterRejected("name", f"{version!r} is not a valid version name (letters, "
+                              "digits, '.', '_', '-'; at most 64; no '..')")
     folder = Path(store) / version
     try:
         manifest = Manifest.from_json((folder / MANIFEST_FILE).read_text())
     except FileNotFoundError:
         raise AdapterRejected("missing_file", f"{folder / MANIFEST_FILE} not found") from None
-    except (ValueError, TypeError) as exc:
+    except (OSError, ValueError, TypeError) as exc:
         raise AdapterRejected("manifest", f"unreadable manifest in {folder}: {exc}") from None
+    if not (isinstance(manifest.files, dict)
+            and all(isinstance(v, str) for v in manifest.files.values())):
+        raise AdapterRejected("manifest", f"{folder}: manifest 'files' must map file names "
+                              "to sha256 hex strings")
     if manifest.version != version:
         raise AdapterRejected("manifest", f"{folder} holds version {manifest.version!r}")
     if manifest.base_model != expected_base_model:
         raise AdapterRejected("base_model", f"{version} was trained on "
                               f"{manifest.base_model!r}, this server runs "
                               f"{expected_base_model!r}")
-    for name in ADAPTER_FILES:
+    for name in ADAPTER_FILES:  # only these are read: a manifest cannot point elsewhere
         if name not in manifest.files or not (folder / name).is_file():
             raise AdapterRejected("missing_file", f"{version}: {name} is missing")
-    for name, expected in manifest.files.items():
-        if sha256_file(folder / name) != expected:
+        try:
+            digest = sha256_file(folder / name)
+        except OSError as exc:
+            raise AdapterRejected("load_error", f"{version}: cannot read {name}: {exc}") \
+                from None
+        if digest != manifest.files[name]:
             raise AdapterRejected("checksum", f"{version}: sha256 of {name} does not match "
                                   "its manifest")
+    check_weights(folder)
     return manifest
 
 
@@ -209,23 +253,29 @@ def register(client: redis.Redis, manifest: Manifest, make_current: bool = True)
 
 
 def set_current(client: redis.Redis, version: str) -> None:
-    """Point new requests of every replica at ``version`` (promote or roll back)."""
+    """Point new requests of every replica at ``version`` without checking its files (the
+    low-level step; operators go through ``switch_current``)."""
     if version != "base" and client.zscore(VERSIONS, version) is None:
         raise KeyError(f"adapter version {version!r} is not registered")
     client.set(CURRENT, version)
     _announce(client, "current", version)
 
 
-def switch_current(client: redis.Redis, version: str, store_dir: str | Path = "") -> str | None:
+def switch_current(client: redis.Redis, version: str, store_dir: str | Path) -> str | None:
     """Promote or roll back every replica to ``version``; returns the previous current.
 
-    Raises KeyError when the version is not registered and AdapterRejected when its files
-    in ``store_dir`` (checked when given) fail verification, so no replica is sent to it.
+    The files are always verified first (checksums, base model, weight values), so no
+    replica is sent to a version it would refuse. Raises KeyError when the version is not
+    registered, ValueError when no store is given to verify against, and AdapterRejected
+    when verification fails. The "current" event it sends makes every replica re-check
+    the version even if it refused it before.
     """
     manifest = get_manifest(client, version)
     if manifest is None and version != "base":
         raise KeyError(f"adapter version {version!r} is not registered")
-    if store_dir and manifest is not None:
+    if manifest is not None:
+        if not str(store_dir):
+            raise ValueError(f"cannot verify {version} without the adapter store directory")
         verify(store_dir, version, manifest.base_model)
     previous = current(client)
     set_current(client, version)

@@ -2,10 +2,12 @@
 
     rlhf adapters --redis-url URL list
     rlhf adapters --redis-url URL show V
-    rlhf adapters --redis-url URL [--store DIR] rollback V   (or promote V)
+    rlhf adapters --redis-url URL --store DIR rollback V   (or promote V)
 
 ``rollback`` and ``promote`` both point the registry's current version at V (every replica
-follows within its poll interval); with ``--store`` the files are verified first.
+follows within its poll interval, and re-checks V even if it refused it before). The files
+in the store are always verified first (checksums, base model, weight values): without
+``--store`` (or $RLHF_SERVE_ADAPTER_STORE) they refuse to run.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", default=os.environ.get("RLHF_SERVE_REDIS_URL", ""),
                    help="Redis holding the registry (default: $RLHF_SERVE_REDIS_URL)")
     p.add_argument("--store", default=os.environ.get("RLHF_SERVE_ADAPTER_STORE", ""),
-                   help="adapter store to verify against before switching (optional)")
+                   help="adapter store the files are verified in before promote/rollback "
+                   "(required for those; default: $RLHF_SERVE_ADAPTER_STORE)")
     sub = p.add_subparsers(dest="action", required=True)
     sub.add_parser("list", help="registered versions in publish order, current marked")
     for name, text in (("show", "print a version's manifest"),
@@ -43,6 +46,11 @@ def _print(obj: object) -> None:
 
 
 def _switch(client: redis.Redis, version: str, store_dir: str) -> int:
+    if not store_dir and version != "base":
+        sys.stderr.write(f"rlhf adapters: cannot verify {version} before switching to it: "
+                         "give --store DIR (the adapter store, STORE/<version>/) or set "
+                         "RLHF_SERVE_ADAPTER_STORE\n")
+        return 2
     try:
         previous = store.switch_current(client, version, store_dir)
     except KeyError:

@@ -321,8 +321,12 @@ def create_app(service: PolicyService, credentials: Credentials | None = None) -
         if not service.ready:
             return JSONResponse({"status": "draining" if service.draining else "loading"}, 503)
         info = service.info()
-        return JSONResponse({"status": "ok", "model": info.base_model,
-                             "adapter_version": info.current_adapter_version})
+        body = {"status": "ok", "model": info.base_model,
+                "adapter_version": info.current_adapter_version}
+        follow = service.adapters.follow_state if service.adapters is not None else None
+        if follow is not None:  # e.g. {"degraded": true, "detail": "degraded: registry ..."}
+            body["adapter_status"] = follow.describe()
+        return JSONResponse(body)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from serving.adapters import FollowState
 from serving.engine import EngineStats
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -32,6 +33,10 @@ class ServingMetrics:
         self.adapter_loaded = Gauge("rlhf_serving_adapter_loaded",
                                     "1 for every adapter version loaded", ["version"],
                                     registry=r)
+        self.adapter_degraded = Gauge(
+            "rlhf_serving_adapter_degraded", "1 while the registry's current version is "
+            "refused here and an older one (or base) is served; 0 when they agree",
+            ["registry_current", "serving"], registry=r)
         self.ready = Gauge("rlhf_serving_ready", "1 once the model is loaded", registry=r)
         self._tokens_seen = 0
 
@@ -47,6 +52,12 @@ class ServingMetrics:
         self.adapter_loaded.clear()
         for version in loaded:
             self.adapter_loaded.labels(version=version).set(1)
+
+    def set_follow(self, state: FollowState | None) -> None:
+        self.adapter_degraded.clear()
+        if state is not None and state.registry_current is not None:
+            self.adapter_degraded.labels(registry_current=state.registry_current,
+                                         serving=state.serving).set(int(state.degraded))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,10 +2,12 @@
 
 Phases: (1) listen at once, health NOT_SERVING; (2) load the model in a worker thread and
 start the engine (and, with --redis-url, make sure the comparisons stream's consumer group
-exists; with --adapter-store too, switch to the registry's current adapter and follow it,
-serving/registry.py), then health SERVING; (3) run until SIGTERM/SIGINT; (4) shut down
-gracefully: health NOT_SERVING, refuse new requests, let running streams finish within
-the grace period, stop the engine.
+exists; with --adapter-store too, load the adapter the registry resolves to and follow it,
+serving/registry.py: until that first round succeeded, which waits for a registry that is
+down, the process is not ready), then accept requests, health SERVING, /healthz ok and
+the "ready" line; (3) run until SIGTERM/SIGINT; (4) shut down gracefully: health
+NOT_SERVING, refuse new requests, let running streams finish within the grace period,
+stop the engine.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.exceptions import RedisError
 
-from rlhf.modeling import load_model
+from rlhf.modeling import LoadedModel, load_model
 from rlhf.v1 import feedback_pb2, feedback_pb2_grpc, policy_pb2, policy_pb2_grpc
 from serving.adapters import AdapterManager
 from serving.auth import Credentials
+from serving.canary import CANARY_PROMPT
 from serving.config import ServingConfig
 from serving.engine import Engine
 from serving.feedback import FeedbackService
@@ -120,10 +123,13 @@ async def _phase_listen(config: ServingConfig, service: PolicyService,
                    feedback)
 
 
-def _load_engine(config: ServingConfig, service: PolicyService) -> Engine:
+def _load_engine(config: ServingConfig, service: PolicyService) -> tuple[LoadedModel, Engine]:
+    """Model, adapters and a started engine; the service gets them once ready."""
     loaded = load_model(config.model, device=config.device, dtype=config.dtype,
                         load_in_4bit=config.load_in_4bit)
-    adapters = AdapterManager(loaded.model, keep_versions=config.keep_versions)
+    canary_ids = loaded.tokenizer(CANARY_PROMPT, add_special_tokens=False)["input_ids"]
+    adapters = AdapterManager(loaded.model, keep_versions=config.keep_versions,
+                              canary_prompt_ids=canary_ids)
     if config.adapter:
         version = config.adapter_version or Path(config.adapter).name
         adapters.load(version, config.adapter)
@@ -133,8 +139,8 @@ def _load_engine(config: ServingConfig, service: PolicyService) -> Engine:
                     max_batch_size=config.max_batch_size, max_queue=config.max_queue,
                     threads=config.threads, on_step=service.metrics.on_step)
     engine.start()
-    service.attach(loaded, adapters, engine)
-    return engine
+    log.info("model loaded and engine started")
+    return loaded, engine
 
 
 async def _prepare_feedback(feedback: FeedbackService | None) -> None:
@@ -151,38 +157,54 @@ async def _prepare_feedback(feedback: FeedbackService | None) -> None:
                     "UNAVAILABLE until it answers", exc)
 
 
-async def _start_follower(config: ServingConfig, service: PolicyService, engine: Engine
-                          ) -> RegistryFollower | None:
-    """With --adapter-store and --redis-url: start on the registry's current adapter, then
-    follow it. A registry that is down is not fatal: the follower keeps retrying."""
+async def _start_follower(config: ServingConfig, service: PolicyService, base_model: str,
+                          engine: Engine) -> RegistryFollower | None:
+    """With --adapter-store and --redis-url: one follower round (the registry's current
+    adapter, or the newest older one that verifies, is loaded), then follow it. A registry
+    that is down delays readiness until it answers; it is retried every poll."""
     if not (config.adapter_store and config.redis_url):
         return None
     import redis
 
     adapters = engine.adapters
-    assert service.model is not None
+
+    def on_change() -> None:
+        service.metrics.set_adapters(adapters.current, adapters.loaded())
+        service.metrics.set_follow(adapters.follow_state)
+
     follower = RegistryFollower(
         redis.Redis.from_url(config.redis_url, socket_connect_timeout=2.0,
                              socket_timeout=max(5.0, 4 * config.registry_poll_s)),
-        config.adapter_store, service.model.name, engine, adapters,
+        config.adapter_store, base_model, engine, adapters,
         poll_s=config.registry_poll_s, metrics_registry=service.metrics.registry,
-        on_change=lambda: service.metrics.set_adapters(adapters.current, adapters.loaded()))
-    try:
-        await asyncio.to_thread(follower.sync)
-    except RedisError as exc:
-        log.warning("adapter registry unreachable at start (%s); following it once it "
-                    "answers", exc)
+        on_change=on_change)
+    warned = False
+    while True:
+        try:
+            await asyncio.to_thread(follower.sync)
+            break
+        except Exception as exc:  # RedisError above all; retried like the follower does
+            if not warned:
+                log.warning("adapter registry round failed at start (%s: %s); not ready "
+                            "until the registry answers and its adapter is loaded",
+                            type(exc).__name__, exc)
+                warned = True
+            await asyncio.sleep(config.registry_poll_s)
+    if warned:
+        log.info("adapter registry answered; serving %s", adapters.current)
     follower.start()
     return follower
 
 
 async def _phase_load(config: ServingConfig, service: PolicyService, run: Running) -> Engine:
-    engine, _ = await asyncio.gather(asyncio.to_thread(_load_engine, config, service),
-                                     _prepare_feedback(run.feedback))
-    run.follower = await _start_follower(config, service, engine)
+    (loaded, engine), _ = await asyncio.gather(asyncio.to_thread(_load_engine, config, service),
+                                               _prepare_feedback(run.feedback))
+    run.follower = await _start_follower(config, service, loaded.name, engine)
     if run.feedback is not None and run.follower is not None:
         follower = run.follower  # a version this replica refused is not a ranking's source
         run.feedback.versions.refused = lambda: tuple(follower.refused.copy())  # atomic
+    service.attach(loaded, engine.adapters, engine)  # requests are accepted from here on
+    service.metrics.set_follow(engine.adapters.follow_state)
     for name in run.health_names:
         await run.health.set(name, SERVING)
     log.info("serving %s", service.info().base_model)

@@ -54,7 +54,7 @@ def test_ui_talks_to_the_wire_contract_only():
         bad = {m for m in modules if _top(m) in {"serving", "learner", "torch", "transformers"}}
         # besides the wire contract: the torch-free task world and gold preference that
         # simulated labelers rank with (the learner's efficacy benchmark uses the same rule)
-        allowed = ("rlhf.v1", "rlhf.gold", "rlhf.starter_data")
+        allowed = ("rlhf.v1", "rlhf.gold", "rlhf.preferences", "rlhf.starter_data")
         bad |= {m for m in modules if _top(m) == "rlhf" and not m.startswith(allowed)}
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
 

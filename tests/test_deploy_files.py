@@ -6,7 +6,6 @@ volumes line up with the paths the flags name, and every documented variable is 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 import shlex
 from pathlib import Path
@@ -101,7 +100,7 @@ def test_environment_entries_are_real_settings(compose):
     by_service = {"serving": "serve", "learner": "learn", "ui": "ui"}
     for name, cmd in by_service.items():
         cls, prefix = CONFIGS[cmd]
-        fields = {prefix + f.name.upper() for f in dataclasses.fields(cls)}
+        fields = {prefix + k.name.upper() for k in settings.knobs(cls)}
         env = compose["services"][name].get("environment", {})
         assert set(env) <= fields, f"{name}: unknown {set(env) - fields}"
     learn = parse_command(compose["services"]["learner"]["command"])
@@ -109,24 +108,26 @@ def test_environment_entries_are_real_settings(compose):
     assert ui_env["RLHF_UI_LEARNER_URL"] == f"http://learner:{learn.port}"
 
 
-def _example_vars() -> dict[str, str]:
+SECTIONS = (("serve", "rlhf serve: the policy server (gRPC + OpenAI-compatible HTTP, "
+               "Feedback API)"),
+            ("learn", "rlhf learn: the learner (reward model + LoRA-PPO iterations, admin API)"),
+            ("ui", "rlhf ui: the ranking UI (Gradio)"))
+
+
+def render_env_example() -> str:
+    """deploy/rlhf.env.example as the configs define it: its header, then every setting."""
     text = (DEPLOY / "rlhf.env.example").read_text()
-    return dict(re.findall(r"^#?(RLHF_[A-Z0-9_]+)=(.*)$", text, re.M))
+    lines = [text[:text.index("# --- ")].rstrip("\n"), ""]
+    for command, title in SECTIONS:
+        cls, prefix = CONFIGS[command]
+        lines += [f"# --- {title}", *settings.env_lines(cls, prefix), ""]
+    return "\n".join(lines)
 
 
 def test_env_example_documents_every_setting_with_its_default():
-    documented = _example_vars()
-    expected = {}
-    for cls, prefix in CONFIGS.values():
-        for f in dataclasses.fields(cls):
-            d = f.default
-            expected[prefix + f.name.upper()] = (("true" if d else "false")
-                                                 if isinstance(d, bool) else str(d))
-    assert set(documented) - set(expected) == set(), "stale variables in rlhf.env.example"
-    missing = [f"#{name}={expected[name]}" for name in expected if name not in documented]
-    assert not missing, "add to deploy/rlhf.env.example (with a help line):\n" + "\n".join(
-        missing)
-    assert documented == expected
+    """Regenerate with `python -m tests.test_deploy_files` after adding a setting."""
+    assert (DEPLOY / "rlhf.env.example").read_text() == render_env_example(), (
+        "deploy/rlhf.env.example is stale: run `.venv/bin/python -m tests.test_deploy_files`")
 
 
 def _pyproject() -> dict:
@@ -173,3 +174,7 @@ def test_readme_example_up_config_is_valid(tmp_path: Path):
     for cmd, flags in extras.items():
         if flags:
             parse_command(["rlhf", cmd, *flags])
+
+
+if __name__ == "__main__":
+    (DEPLOY / "rlhf.env.example").write_text(render_env_example())

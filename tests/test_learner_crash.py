@@ -36,6 +36,7 @@ from learner.ppo import score as ppo_score
 from learner.records import PAUSE_ENV
 from rlhf import adapter_store
 from rlhf.modeling import load_model
+from rlhf.settings import from_flat
 from tests.conftest import ROOT
 from tests.test_learner_iteration import submit
 
@@ -77,9 +78,9 @@ def test_restart_continues_the_same_policy_from_its_checkpoint(tiny_model_dir, r
     url = db_url(redis_server, 7)
     client = redis.Redis.from_url(url)
     client.flushdb()
-    cfg = LearnerConfig(model=str(tiny_model_dir), device="cpu", redis_url=url,
-                        data_dir=str(tmp_path / "data"), adapter_store=str(tmp_path / "store"),
-                        consumer="resume-learner", **SMALL)
+    cfg = from_flat(LearnerConfig, dict(
+        model=str(tiny_model_dir), device="cpu", redis_url=url, data_dir=str(tmp_path / "data"),
+        adapter_store=str(tmp_path / "store"), consumer="resume-learner", **SMALL))
     first = Learner(cfg, load_model(cfg.model, device="cpu"))
     assert first.ppo is None and first.parent is None  # a fresh data dir: from the base
     submit(client, 0, 9)

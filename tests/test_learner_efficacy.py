@@ -22,6 +22,7 @@ import torch
 from learner.config import LearnerConfig
 from learner.efficacy import EfficacyConfig, run_efficacy
 from rlhf.modeling import load_model
+from rlhf.settings import from_flat
 
 pytestmark = pytest.mark.slow
 
@@ -48,13 +49,13 @@ def learner_config(model_dir: Path, url: str, root: Path) -> LearnerConfig:
     """The tiny model needs far larger steps than the paper's: RM lr 3e-3 for 4 epochs (1e-3
     for 1 epoch does not learn "polite beats plain" from 48 comparisons), PPO lr 3e-3 with 4
     epochs per batch; beta 0.1 keeps the policy from drifting into text the RM never saw."""
-    return LearnerConfig(
+    return from_flat(LearnerConfig, dict(
         model=str(model_dir), device="cpu", threads=1, redis_url=url,
         data_dir=str(root / "data"), adapter_store=str(root / "store"), seed=0,
         prompts_per_iteration=EFF.tasks_per_iteration, eval_prompts=16, ptx_eval_texts=16,
         rm_lr=3e-3, rm_epochs=4, rm_batch=8, rm_max_length=128, rm_heldout_fraction=0.25,
         ppo_steps=10, ppo_lr=3e-3, ppo_epochs=4, ppo_batch_size=16, ppo_minibatch_size=8,
-        ppo_kl_coef=0.1, ppo_ptx_coef=0.0, ppo_max_new_tokens=24)
+        ppo_kl_coef=0.1, ppo_ptx_coef=0.0, ppo_max_new_tokens=24))
 
 
 def test_gold_win_rate_rises_and_rm_beats_chance(tiny_model_dir: Path, redis_server,
@@ -69,18 +70,18 @@ def test_gold_win_rate_rises_and_rm_beats_chance(tiny_model_dir: Path, redis_ser
     curve = run_efficacy(EFF, cfg, load_model(cfg.model, device="cpu"))
 
     start, end = curve[0], curve[-1]
-    summary = [(p["iteration"], p["gold_win_rate"], p["polite"], p["rm_accuracy"], p["kl"])
+    summary = [(p["iteration"], p["win_rate"], p["polite"], p["rm_accuracy"], p["kl"])
                for p in curve]
     assert [p["iteration"] for p in curve] == list(range(EFF.iterations + 1))
     # The real path ran: every iteration drained what was labelled and trained on all of it.
     assert [p["comparisons"] for p in curve[1:]] == [
         sum(p["labelled"] for p in curve[1:i + 1]) for i in range(1, len(curve))]
     # Iteration 0: the policy IS the reference (two samples of the base), so ~0.5.
-    assert abs(start["gold_win_rate"] - 0.5) < WIN_MARGIN, summary
+    assert abs(start["win_rate"] - 0.5) < WIN_MARGIN, summary
     assert start["kl"] == 0.0 and start["rm_accuracy"] is None
     # Learning: the policy beats the reference under the gold preference clearly more often.
-    assert end["gold_win_rate"] > start["gold_win_rate"] + WIN_MARGIN, summary
-    assert end["gold_score"] > start["gold_score"], summary
+    assert end["win_rate"] > start["win_rate"] + WIN_MARGIN, summary
+    assert end["score"] > start["score"], summary
     # The RM learned the labelers' preference: held-out (unseen labelers) accuracy > chance.
     assert end["rm_heldout_comparisons"] >= 32
     assert end["rm_accuracy"] > 0.5 + rm_margin(end["rm_heldout_comparisons"]), summary

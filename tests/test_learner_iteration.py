@@ -34,6 +34,7 @@ from learner.iteration import HISTORY, Learner
 from learner.reward_model import fit_reward_model
 from rlhf import adapter_store, comparisons
 from rlhf.modeling import load_model
+from rlhf.settings import from_flat
 from rlhf.v1 import feedback_pb2 as fb
 from rlhf.v1 import policy_pb2 as pb
 from rlhf.v1 import policy_pb2_grpc as pbg
@@ -72,13 +73,12 @@ def env(tiny_model_dir: Path, redis_server, tmp_path_factory) -> Iterator[dict]:
     client = redis.Redis.from_url(url)
     client.flushdb()
     root = tmp_path_factory.mktemp("learner")
-    cfg = LearnerConfig(model=str(tiny_model_dir), device="cpu", redis_url=url,
-                        data_dir=str(root / "data"), adapter_store=str(root / "store"),
-                        admin_token=TOKEN, prompts_per_iteration=8, eval_prompts=3,
-                        ptx_eval_texts=4, rm_batch=4, rm_max_length=96, rm_lora_rank=4,
-                        rm_heldout_fraction=0.3, ppo_steps=2, ppo_batch_size=4,
-                        ppo_minibatch_size=2, ppo_max_new_tokens=12, ppo_lora_rank=4,
-                        ppo_ptx_coef=0.5)
+    cfg = from_flat(LearnerConfig, dict(
+        model=str(tiny_model_dir), device="cpu", redis_url=url, data_dir=str(root / "data"),
+        adapter_store=str(root / "store"), admin_token=TOKEN, prompts_per_iteration=8,
+        eval_prompts=3, ptx_eval_texts=4, rm_batch=4, rm_max_length=96, rm_lora_rank=4,
+        rm_heldout_fraction=0.3, ppo_steps=2, ppo_batch_size=4, ppo_minibatch_size=2,
+        ppo_max_new_tokens=12, ppo_lora_rank=4, ppo_ptx_coef=0.5))
     learner = Learner(cfg, load_model(cfg.model, device="cpu"))
     runner = Runner(learner)
     http = TestClient(create_app(runner, TOKEN))
@@ -130,7 +130,7 @@ def test_two_iterations_publish_v1_then_v2(env, tiny_model_dir: Path, caplog):
     (line,) = [r.getMessage() for r in caplog.records
                if r.getMessage().startswith(f"iteration {first} done in")]
     assert "-> v1" in line and "reward_model" in line and "samples/s" in line
-    episodes = cfg.ppo_steps * cfg.ppo_batch_size
+    episodes = cfg.ppo_steps * cfg.ppo.batch_size
     assert m["ppo/episodes_per_s"] == pytest.approx(episodes / sum(
         m[f"time/{k}_total_s"] for k in ("generate", "score", "train")))
     assert body["version"] == "v1" and body["phase"] == "record"

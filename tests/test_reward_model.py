@@ -75,14 +75,14 @@ def test_each_completion_is_forwarded_once(tiny_model_dir: Path):
     rows: list[int] = []
     rm.trunk.register_forward_pre_hook(
         lambda _m, _a, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
-    train_reward_model(rm, tok, [k4], RMConfig(comparisons_per_batch=1))
+    train_reward_model(rm, tok, [k4], RMConfig(batch=1))
     assert rows == [4]  # one forward, K = 4 rows: not 2 * C(4, 2) = 12
     # The pairwise form of the same ranking (what shuffled-pair trainers do) needs 12.
     pairs = [_comparison(f"cmp-pair-{i:06d}", "a", task.prompt, [(a.text, 1), (b.text, 2)])
              for i, (a, b) in enumerate((a, b) for j, a in enumerate(k4.candidates)
                                         for b in k4.candidates[j + 1:])]
     rows.clear()
-    train_reward_model(rm, tok, pairs, RMConfig(comparisons_per_batch=len(pairs)))
+    train_reward_model(rm, tok, pairs, RMConfig(batch=len(pairs)))
     assert sum(rows) == 12  # in micro-batches of 4 pairs: [8, 4]
 
 
@@ -97,7 +97,7 @@ def test_only_rm_adapter_and_head_train_and_base_is_untouched(tiny_model_dir: Pa
     base = {n: p.detach().clone() for n, p in rm.peft.named_parameters() if "lora_" not in n}
     lora_before = {n: p.detach().clone() for n, p in rm.peft.named_parameters() if "lora_" in n}
     head_before = rm.head.weight.detach().clone()
-    train_reward_model(rm, tok, polite_vs_rude(16, 1), RMConfig(comparisons_per_batch=4))
+    train_reward_model(rm, tok, polite_vs_rude(16, 1), RMConfig(batch=4))
     after = dict(rm.peft.named_parameters())
     assert all(torch.equal(after[n], p) for n, p in base.items())  # bit-identical base
     assert any(not torch.equal(after[n], p) for n, p in lora_before.items())
@@ -129,7 +129,7 @@ def test_learns_a_clear_preference_on_heldout_labelers(tiny_model_dir: Path):
     rm, tok = _rm(tiny_model_dir)
     train, heldout, info = split_by_labeler(polite_vs_rude(250, 7), 0.2, seed=0)
     assert info["split"] == "labeler" and len(heldout) == 50
-    cfg = RMConfig(lr=3e-3, comparisons_per_batch=8, max_length=128, seed=0)
+    cfg = RMConfig(lr=3e-3, batch=8, max_length=128, seed=0)
     before = evaluate_rm(rm, tok, heldout, cfg)
     metrics = train_reward_model(rm, tok, train, cfg)
     after = evaluate_rm(rm, tok, heldout, cfg)
@@ -147,7 +147,7 @@ def test_bias_calibration_centres_reference_samples(tiny_model_dir: Path):
                  for t in tasks]
     with torch.no_grad():
         rm.head.bias.fill_(3.0)  # an uncentred RM
-    info = calibrate_bias(rm, tok, reference, RMConfig(comparisons_per_batch=2))
+    info = calibrate_bias(rm, tok, reference, RMConfig(batch=2))
     rows = [join_row(prompt_ids(tok, m), tok(text, add_special_tokens=False)["input_ids"],
                      tok.eos_token_id, 512) for m, text in reference]
     ids = torch.full((len(rows), max(map(len, rows))), tok.pad_token_id)
@@ -189,9 +189,9 @@ def test_micro_batches_add_up_to_the_whole_step(tiny_model_dir: Path):
 
     grads = {}
     for micro in (0, 1, 3):
-        rm, tok = _rm(tiny_model_dir, micro_batch=micro, comparisons_per_batch=8)
+        rm, tok = _rm(tiny_model_dir, micro_batch=micro, batch=8)
         batch = _encode_all(rm, tok, polite_vs_rude(8, 3), rm_cfg := RMConfig(
-            lora_rank=4, micro_batch=micro, comparisons_per_batch=8))
+            lora_rank=4, micro_batch=micro, batch=8))
         opt = torch.optim.SGD(rm.trainable_parameters(), lr=0.0)  # keep the gradient only
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
         tally = _train_epoch(rm, [batch], opt, sched, tok.pad_token_id, rm_cfg, epoch=0)

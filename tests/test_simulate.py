@@ -1,13 +1,14 @@
-"""`rlhf simulate`'s own rules: the shared pacer (rate, count, deadline) and the two ways of
-ranking. Its run against real serving is in tests/test_full_loop.py."""
+"""`rlhf simulate`'s own rules: the shared pacer (rate, count, deadline) and how questions are
+drawn and ranked. Its run against real serving is in tests/test_full_loop.py."""
 
 from __future__ import annotations
 
 import random
 import time
 
+from rlhf import preferences
 from rlhf.gold import gold_ranks
-from ui.simulate import Pacer, questions, rank_by_length, ranker
+from ui.simulate import PROMPTS, Pacer, questions, ranker
 
 
 def test_pacer_stops_at_count_and_gives_failed_turns_back():
@@ -35,13 +36,20 @@ def test_pacer_spaces_slots_by_the_rate_without_bursts_and_honours_the_deadline(
 
 
 def test_gold_questions_are_tasks_ranked_by_the_gold_preference():
-    asks = questions("gold", random.Random(0), seed=7)
-    prompt, task = next(asks)
-    assert task is not None and prompt == task.prompt
+    gold = preferences.get("gold")
+    item = next(questions("gold", "starter", random.Random(0), seed=7))
+    task = item.task
+    assert task is not None and item.prompt == task.prompt
     texts = [task.answer, "", f"Sure! {task.answer}"]
-    assert ranker(task)(texts) == gold_ranks(task, texts)
-    assert ranker(task)(texts)[1] == 3  # the empty answer is worst
+    assert ranker(gold, item)(texts) == gold_ranks(task, texts)
+    assert ranker(gold, item)(texts)[1] == 3  # the empty answer is worst
 
-    prompt, task = next(questions("length", random.Random(0), seed=7))
-    assert task is None and ranker(None) is rank_by_length
-    assert rank_by_length(["aa", "a", "aa"]) == [1, 3, 1]
+
+def test_other_preferences_rank_general_prompts_by_their_rule():
+    item = next(questions("length", "starter", random.Random(0), seed=7))
+    assert item.task is None and item.prompt in PROMPTS
+    assert ranker(preferences.get("length"), item)(["aa", "a", "aa"]) == [1, 3, 1]
+    item = next(questions("concise", "general", random.Random(0), seed=7))
+    assert item.task is None and item.prompt in preferences.general_prompts()
+    concise = ranker(preferences.get("concise"), item)
+    assert concise(["It is red.", "Red.", "", "It is red, I think."]) == [2, 1, 4, 3]

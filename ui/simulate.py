@@ -4,20 +4,25 @@ handlers do.
 Each labeler asks a question, streams the K alternatives through ``ServingClient.generate``,
 ranks them, builds the record with ``ui.logic.build_comparison``, submits it through the
 Feedback API and continues the chat from the top answer (a fresh conversation every
-``TURNS_PER_CONVERSATION`` turns). Two ways to rank:
+``TURNS_PER_CONVERSATION`` turns). The K answers are ranked by a hidden preference
+(``rlhf.preferences``), so the learner has a real preference to learn: rehearsals, demos,
+the efficacy of the loop:
 
-- ``gold`` (default): questions are starter tasks with known answers (``rlhf.gold``) and the
-  K answers are ranked by the gold preference (correct > polite > concise), so the learner
-  has a real preference to learn: rehearsals, demos, the efficacy of the loop;
-- ``length``: fixed prompts, longer answer = better (the feedback benchmark's load).
+- ``gold`` (default): questions are starter tasks with known answers and the answers are
+  ranked correct > polite > concise (``rlhf.gold``);
+- ``concise``, ``detailed``, ``polite``, ``enthusiastic``, ``length``: judge any text; the
+  questions are the starter's tasks (``--prompts starter``) or everyday prompts for a real
+  model (``--prompts general``, the default for these); ``length`` on fixed prompts is the
+  feedback benchmark's load.
 
 Labelers share a pacer: turns start at ``--rate`` comparisons/s in total (0 = as fast as
 serving answers) until ``--seconds`` pass or ``--count`` comparisons are stored. Like the
 ranking UI, they submit through serving's UI service token (``--auth-token`` or
 ``--token-file``; `rlhf up` writes ``DATA_DIR/ui-token``), each naming itself
-(``sim-NN``); against a serving with no credentials configured no token is needed. Prints one
-JSON document (per adapter version: candidates seen and, with gold, their mean gold score
-and share correct). ``rlhf bench feedback`` runs it as ``python -m ui.simulate``.
+(``sim-NN``); against a serving with no credentials configured no token is needed. Prints
+one JSON document (per adapter version: candidates seen, their mean utility under the
+preference and, on starter tasks, the share correct). ``rlhf bench feedback`` runs it as
+``python -m ui.simulate``.
 """
 
 from __future__ import annotations
@@ -34,8 +39,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlhf.gold import gold_ranks, gold_score, gold_tasks
-from rlhf.starter_data import Task, check
+from rlhf.gold import gold_tasks
+from rlhf.preferences import EMPTY, PREFERENCES, Item, Preference, general_prompts, ranks
+from rlhf.preferences import get as get_preference
+from rlhf.starter_data import check
 from rlhf.v1 import policy_pb2 as pb
 from ui.client import ServingClient, ServingError
 from ui.logic import Alternative, RankingError, Turn, build_comparison, continue_with, display_order
@@ -49,24 +56,25 @@ COUNT_LIMIT_S = 600.0  # with --count and no --seconds: give up after this long
 DEFAULT_TOKEN_FILE = Path(".rlhf") / "ui-token"  # `rlhf up`'s default --data-dir
 
 
-def rank_by_length(texts: list[str]) -> list[int]:
-    """1 + the number of strictly longer texts: longest = 1, equal lengths tie."""
-    return [1 + sum(len(o) > len(t) for o in texts) for t in texts]
-
-
-def questions(preference: str, rng: random.Random, seed: int) -> Iterator[tuple[str, Task | None]]:
-    """Endless (prompt, task) pairs; the task is None when ranking by length."""
-    if preference == "length":
+def questions(preference: str, prompts: str, rng: random.Random, seed: int
+              ) -> Iterator[Item]:
+    """Endless prompts: ``length`` asks the fixed PROMPTS; otherwise the starter's tasks
+    (``prompts`` "starter", as gold needs) or the general everyday prompts."""
+    if preference == "length" and prompts != "general":
         while True:
-            yield rng.choice(PROMPTS), None
+            yield Item(rng.choice(PROMPTS))
+    if prompts == "general":
+        pool = general_prompts()
+        while True:
+            yield Item(rng.choice(pool))
     while True:
         for task in gold_tasks(64, seed):
-            yield task.prompt, task
+            yield Item(task.prompt, task)
         seed += 1
 
 
-def ranker(task: Task | None) -> Callable[[list[str]], list[int]]:
-    return (lambda texts: gold_ranks(task, texts)) if task is not None else rank_by_length
+def ranker(preference: Preference, item: Item) -> Callable[[list[str]], list[int]]:
+    return lambda texts: ranks([preference.utility(item, t) for t in texts])
 
 
 class Pacer:
@@ -123,22 +131,26 @@ class Tally:
             if text not in self.error_examples and len(self.error_examples) < 5:
                 self.error_examples.append(text)
 
-    def candidates(self, turn: Turn, task: Task | None) -> None:
-        """Per adapter version: candidates seen, their summed gold score and correct ones."""
+    def candidates(self, turn: Turn, item: Item, preference: Preference) -> None:
+        """Per adapter version: candidates seen, their summed utility (empty answers count
+        in ``empty``, not in the sum) and, on starter tasks, the correct ones."""
         with self.lock:
             for alt in turn.alternatives:
-                row = self.versions.setdefault(alt.adapter_version or "?",
-                                               {"candidates": 0, "gold": 0.0, "correct": 0})
+                row = self.versions.setdefault(alt.adapter_version or "?", {
+                    "candidates": 0, "utility": 0.0, "empty": 0, "correct": 0})
                 row["candidates"] += 1
-                if task is not None:
-                    row["gold"] += gold_score(task, alt.text)
-                    row["correct"] += check(task, alt.text.strip())
+                value = preference.utility(item, alt.text)
+                if value == EMPTY:
+                    row["empty"] += 1
+                else:
+                    row["utility"] += value
+                if item.task is not None:
+                    row["correct"] += check(item.task, alt.text.strip())
 
 
 def one_turn(client: ServingClient, messages: list[dict[str, str]], labeler: str,
              args: argparse.Namespace, rng: random.Random,
-             rank: Callable[[list[str]], list[int]] = rank_by_length
-             ) -> tuple[Turn, list[int], bool]:
+             rank: Callable[[list[str]], list[int]]) -> tuple[Turn, list[int], bool]:
     """Generate, rank and submit one turn: (turn, ranks by position, duplicate)."""
     seed = rng.randrange(2**31)
     sampling = pb.SamplingParams(max_new_tokens=args.max_new_tokens, min_new_tokens=1,
@@ -165,16 +177,17 @@ def one_turn(client: ServingClient, messages: list[dict[str, str]], labeler: str
 def labeler(n: int, args: argparse.Namespace, pacer: Pacer, tally: Tally) -> None:
     client = ServingClient(args.target, token(args), timeout_s=60.0)
     rng = random.Random(args.seed * 1000 + n)
-    asks = questions(args.preference, rng, args.seed * 1000 + n)
+    preference = get_preference(args.preference)
+    asks = questions(args.preference, args.prompts, rng, args.seed * 1000 + n)
     history: list[dict[str, str]] = []
     try:
         while pacer.claim():
-            prompt, task = next(asks)
-            messages = [*history, {"role": "user", "content": prompt}]
+            item = next(asks)
+            messages = [*history, {"role": "user", "content": item.prompt}]
             start = time.perf_counter()
             try:
                 turn, ranks, duplicate = one_turn(client, messages, f"sim-{n:02d}", args, rng,
-                                                  ranker(task))
+                                                  ranker(preference, item))
             except (ServingError, RankingError) as exc:
                 pacer.release(False)
                 tally.error(f"{type(exc).__name__}: {exc}"[:300])
@@ -182,7 +195,7 @@ def labeler(n: int, args: argparse.Namespace, pacer: Pacer, tally: Tally) -> Non
                 time.sleep(ERROR_BACKOFF_S)
                 continue
             pacer.release(not duplicate)
-            tally.candidates(turn, task)
+            tally.candidates(turn, item, preference)
             with tally.lock:
                 tally.turns += 1
                 tally.stored += not duplicate
@@ -200,14 +213,15 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(1000 * v[min(len(v) - 1, int(q * len(v)))], 1) if v else None
 
 
-def _by_version(tally: Tally, gold: bool) -> dict[str, dict]:
+def _by_version(tally: Tally, tasks: bool) -> dict[str, dict]:
     out = {}
     for version, row in sorted(tally.versions.items()):
-        n = int(row["candidates"])
-        out[version] = {"candidates": n}
-        if gold and n:
-            out[version].update(gold_mean=round(row["gold"] / n, 3),
-                                correct=round(row["correct"] / n, 3))
+        n, empty = int(row["candidates"]), int(row["empty"])
+        out[version] = {"candidates": n, "empty": empty}
+        if n > empty:
+            out[version]["utility_mean"] = round(row["utility"] / (n - empty), 3)
+        if tasks and n:
+            out[version]["correct"] = round(row["correct"] / n, 3)
     return out
 
 
@@ -224,7 +238,8 @@ def run(args: argparse.Namespace) -> dict:
     for t in threads:
         t.join()
     wall = time.monotonic() - start
-    return {"preference": args.preference, "labelers": args.labelers, "k": args.k,
+    return {"preference": args.preference, "prompts": args.prompts,
+            "labelers": args.labelers, "k": args.k,
             "max_new_tokens": args.max_new_tokens, "rate": args.rate, "count": args.count,
             "wall_s": round(wall, 2), "turns": tally.turns, "stored": tally.stored,
             "duplicates": tally.duplicates, "errors": tally.errors,
@@ -232,7 +247,7 @@ def run(args: argparse.Namespace) -> dict:
             "turns_per_s": round(tally.turns / wall, 2),
             "comparisons_per_s": round(tally.stored / wall, 2),
             "turn_ms": {"p50": _pct(tally.turn_s, 0.5), "p95": _pct(tally.turn_s, 0.95)},
-            "adapter_versions": _by_version(tally, args.preference == "gold")}
+            "adapter_versions": _by_version(tally, args.prompts == "starter")}
 
 
 def token(args: argparse.Namespace) -> str:
@@ -260,8 +275,12 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
                    help="read that token from this file instead; default "
                    f"{DEFAULT_TOKEN_FILE} when it exists (written by `rlhf up`; env "
                    "RLHF_SIMULATE_TOKEN_FILE)")
-    p.add_argument("--preference", choices=["gold", "length"], default="gold",
-                   help="gold: starter tasks ranked by rlhf.gold; length: longer = better")
+    p.add_argument("--preference", choices=sorted(PREFERENCES), default="gold",
+                   help="the hidden ranking rule: " + "; ".join(
+                       f"{p.name}: {p.description}" for p in PREFERENCES.values()))
+    p.add_argument("--prompts", choices=["auto", "starter", "general"], default="auto",
+                   help="starter: the starter model's tasks; general: everyday prompts for a "
+                   "real model; auto: starter for gold and length, else general")
     p.add_argument("--labelers", type=int, default=4, help="simulated labelers (threads)")
     p.add_argument("--rate", type=float, default=0.0,
                    help="comparisons per second, all labelers together; 0 = as fast as possible")
@@ -278,6 +297,10 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     if (args.count is not None and args.count < 1) or (args.seconds is not None
                                                        and args.seconds <= 0):
         p.error("--count must be >= 1 and --seconds > 0")
+    if args.prompts == "auto":
+        args.prompts = "starter" if args.preference in ("gold", "length") else "general"
+    if get_preference(args.preference).needs_tasks and args.prompts != "starter":
+        p.error(f"--preference {args.preference} ranks starter tasks: use --prompts starter")
     return args
 
 
