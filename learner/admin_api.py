@@ -23,7 +23,6 @@ verification), 503 while Redis is unreachable; every error body is ``{"detail": 
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 import threading
 from dataclasses import asdict
@@ -36,6 +35,7 @@ from learner.admin_errors import CONFLICT, NOT_FOUND, install_errors_and_openapi
 from learner.dashboard import Dashboard
 from learner.iteration import Learner, Progress
 from rlhf import adapter_store
+from rlhf.auth import bearer_matches
 from rlhf.comparisons import STREAM
 
 log = logging.getLogger(__name__)
@@ -128,9 +128,7 @@ def _auth(token: str):
     def check(request: Request) -> None:
         if not token:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+        if not bearer_matches(request.headers.get("authorization"), token):
             raise HTTPException(401, "missing or wrong bearer token",
                                 headers={"WWW-Authenticate": "Bearer"})
 

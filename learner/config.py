@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from learner.ppo import PPOConfig
 from learner.reward_model import RMConfig
 from rlhf.settings import nested, propagate_shared
+from rlhf.settings import port as _port
 from rlhf.settings import setting as _f
 
 ENV_PREFIX = "RLHF_LEARN_"
@@ -22,15 +23,16 @@ ENV_PREFIX = "RLHF_LEARN_"
 class LearnerConfig:
     """Everything `rlhf learn` needs; CLI flags and RLHF_LEARN_* env vars override defaults."""
 
-    model: str = _f("", "hub id or local directory of the base model (the same string serving "
-                    "runs); empty = the built-in starter model")
+    model: str = _f("", "base model, the same string serving runs: a name of `rlhf models "
+                    "list` (fetched on first use), a local directory or a hub id; empty = the "
+                    "built-in starter model")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     dtype: str = _f("auto", "float32, bfloat16, float16 or auto")
     load_in_4bit: bool = _f(False, "load the base model in 4-bit through bitsandbytes")
     threads: int = _f(0, "torch threads; 0 = torch's default")
 
     redis_url: str = _f("redis://127.0.0.1:6379/0", "Redis holding the comparisons stream and "
-                        "the adapter registry", secret=True)
+                        "the adapter registry", secret=True, address="url")
     data_dir: str = _f("learner-data", "durable dataset (comparisons/), iteration records "
                        "(iterations/) and the policy checkpoint a restart continues from "
                        "(checkpoint/)")
@@ -39,7 +41,7 @@ class LearnerConfig:
     consumer: str = _f("", "consumer name in the learner group; empty = learner-<hostname>")
 
     host: str = _f("127.0.0.1", "interface of the admin HTTP API")
-    port: int = _f(8100, "port of the admin HTTP API (0 = pick a free one)")
+    port: int = _port(8100, "port of the admin HTTP API (0 = pick a free one)")
     admin_token: str = _f("", "bearer token the admin API demands; empty = no auth", secret=True)
     auto_trigger_after: int = _f(0, "start an iteration once this many new comparisons are in "
                                  "the stream; 0 = only on request")
@@ -52,7 +54,7 @@ class LearnerConfig:
     ptx_eval_texts: int = _f(16, "pretraining texts for the ptx loss before/after PPO")
     seed: int = _f(0, "seed of splits, sampling and shuffling")
 
-    ppo_steps: int = _f(4, "PPO steps (each ppo_batch_size episodes) per iteration")
+    ppo_steps: int = _f(10, "PPO steps (each ppo_batch_size episodes) per iteration")
     rm: RMConfig = nested(RMConfig, "reward model training (--rm-*)",
                           shared=("seed", "threads"))
     ppo: PPOConfig = nested(PPOConfig, "LoRA-PPO (--ppo-*)", shared=("seed",))

@@ -43,10 +43,9 @@ from learner.iteration import Learner, Progress
 from rlhf import comparisons, settings
 from rlhf.gold import gold_tasks
 from rlhf.local_redis import private_redis
-from rlhf.modeling import load_model
+from rlhf.modeling import load_model, resolve_model_name
 from rlhf.preferences import Item
 from rlhf.preferences import get as get_preference
-from rlhf.starter import ensure_starter_model
 from rlhf.starter_data import ANSWER_STYLES, render_answer
 from rlhf.v1 import feedback_pb2 as fb
 
@@ -169,7 +168,7 @@ def _overrides(pairs: list[str]) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
-    model = args.model or str(ensure_starter_model())
+    model = resolve_model_name(args.model)
     with private_redis("rlhf-membench-") as url, tempfile.TemporaryDirectory() as tmp:
         try:
             cfg = settings.from_flat(LearnerConfig, {
@@ -216,7 +215,8 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m learner.memory_bench",
                                 description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="", help="model dir or hub id; default: the starter")
+    p.add_argument("--model", default="", help="a name of `rlhf models list`, a directory or "
+                   "a hub id; default: the starter")
     p.add_argument("--device", default="cpu")
     p.add_argument("--iterations", type=int, default=2)
     p.add_argument("--comparisons", type=int, default=64, help="new K=4 records per iteration")

@@ -25,8 +25,7 @@ import torch
 
 from learner.reward_model import RewardModel, RMConfig, evaluate_rm, train_reward_model
 from rlhf.data import Malformed, pair_record
-from rlhf.modeling import load_model
-from rlhf.starter import ensure_starter_model
+from rlhf.modeling import load_model, resolve_model_name
 from rlhf.starter_data import make_tasks, render_answer
 from rlhf.v1 import feedback_pb2 as fb
 from rlhf.v1 import policy_pb2 as pb
@@ -140,7 +139,8 @@ def bench_kwise_vs_pairwise(args: argparse.Namespace, model_dir: str) -> dict:
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m learner.rm_bench", description=__doc__)
-    p.add_argument("--model", default="", help="model dir; default: the starter model")
+    p.add_argument("--model", default="", help="a name of `rlhf models list`, a directory or "
+                   "a hub id; default: the starter")
     p.add_argument("--hh-path", default=HH_PATH)
     p.add_argument("--hh-limit", type=int, default=0, help="read the first N lines; 0 = all")
     p.add_argument("--hh-train-fraction", type=float, default=0.8)
@@ -163,7 +163,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    model_dir = args.model or str(ensure_starter_model())
+    model_dir = resolve_model_name(args.model)
     start = time.perf_counter()
     report: dict = {"model": model_dir, "threads": args.threads}
     if "kwise" not in args.skip:

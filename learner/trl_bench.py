@@ -60,7 +60,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m learner.trl_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("which", choices=["rm", "ppo"])
-    p.add_argument("--model", default="", help="model dir; default: the starter model")
+    p.add_argument("--model", default="", help="a name of `rlhf models list`, a directory or "
+                   "a hub id; default: the starter")
     p.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
     p.add_argument("--repeats", type=int, default=2, help="alternating runs per side")
     p.add_argument("--seed", type=int, default=0, help="data seed; repeat i trains with seed+i")
@@ -95,9 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     torch.set_num_threads(args.threads)
-    from rlhf.starter import ensure_starter_model
+    from rlhf.modeling import resolve_model_name
 
-    model_dir = args.model or str(ensure_starter_model())
+    model_dir = resolve_model_name(args.model)
     start = time.perf_counter()
     if args.which == "rm":
         from learner.trl_rm_bench import run

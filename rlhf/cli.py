@@ -32,6 +32,22 @@ def _config(argv: Sequence[str], cls: type, prog: str, what: str, prefix: str):
     return config
 
 
+def _resolve_model(prog: str, name: str) -> None:
+    """Fetch/build a named model before the process starts serving; a bad name or a failed
+    download ends the command with its message (exit 2 / 1), not a traceback."""
+    from rlhf import models
+    from rlhf.modeling import resolve_model_name
+
+    try:
+        resolve_model_name(name)
+    except models.UnknownModel as exc:
+        sys.stderr.write(f"{prog}: --model: {exc}\n")
+        raise SystemExit(2) from None
+    except models.ModelFetchError as exc:
+        sys.stderr.write(f"{prog}: --model {name}: {exc}\n")
+        raise SystemExit(1) from None
+
+
 def _serve(argv: Sequence[str]) -> int:
     import asyncio
 
@@ -40,6 +56,7 @@ def _serve(argv: Sequence[str]) -> int:
 
     config = _config(argv, ServingConfig, "rlhf serve",
                      "Run the policy server (gRPC + OpenAI-compatible HTTP).", "RLHF_SERVE_")
+    _resolve_model("rlhf serve", config.model)
     asyncio.run(serve(config))
     return 0
 
@@ -77,12 +94,20 @@ def _adapters(argv: Sequence[str]) -> int:
     return main(list(argv))
 
 
+def _models(argv: Sequence[str]) -> int:
+    from rlhf.models_cli import main
+
+    return main(list(argv))
+
+
 def _learn(argv: Sequence[str]) -> int:
     from learner.config import ENV_PREFIX, LearnerConfig
     from learner.main import run
 
-    return run(_config(argv, LearnerConfig, "rlhf learn",
-                       "Run the learner: iterations on demand via its admin API.", ENV_PREFIX))
+    config = _config(argv, LearnerConfig, "rlhf learn",
+                     "Run the learner: iterations on demand via its admin API.", ENV_PREFIX)
+    _resolve_model("rlhf learn", config.model)
+    return run(config)
 
 
 def _learner_client(argv: Sequence[str]) -> int:
@@ -118,6 +143,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "starter-model": (_starter, "build (or reuse) the built-in starter model; prints its path"),
     "codegen": (_codegen, "regenerate the Python stubs of proto/"),
     "data": (_data, "export the comparisons stream as JSONL; import chosen/rejected pairs"),
+    "models": (_models, "named base models: list, pull (fetch + convert once, cached)"),
     "adapters": (_adapters, "list, show, promote or roll back adapter versions (registry)"),
     "learn": (_learn, "run the learner (RM + PPO iterations) with its admin HTTP API"),
     "learner": (_learner_client, "trigger / status / history of a running learner (JSON)"),

@@ -32,7 +32,14 @@ MAX_CHARS = 32768  # each text: candidate, message, comment, ideal answer (servi
 ROLES = ("system", "user", "assistant")
 BASE = "base"  # the adapter version of the base model with no adapter
 KNOWN_FLAGS = frozenset(v.number for v in Flag.DESCRIPTOR.values if v.number != 0)
-MAX_TEMPERATURE = 100.0  # serving's accepted range: 0 (greedy) .. 100, finite
+# Sampling ranges, the same for a Generate request and a recorded candidate. Temperature
+# is 0 (greedy) or in [MIN_TEMPERATURE, MAX_TEMPERATURE]: below 0.01 the logits divided by
+# it leave float32's range and every seed gives the same garbage. top_k: 0 or anything at
+# least the vocabulary size means no limit; the cap keeps the value inside every integer
+# type it passes through (int64 tensors, uint32 on the wire).
+MIN_TEMPERATURE = 0.01
+MAX_TEMPERATURE = 100.0
+MAX_TOP_K = 1 << 20
 
 ID_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
 VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -227,10 +234,14 @@ def _check_sampling(where: str, s: SamplingParams, limits: Limits) -> None:
     if s.min_new_tokens > limits.max_new_tokens:
         raise InvalidComparison(f"{where}.min_new_tokens", f"must be at most "
                                 f"{limits.max_new_tokens}, got {s.min_new_tokens}")
-    if s.HasField("temperature") and not (
-            math.isfinite(s.temperature) and 0 <= s.temperature <= MAX_TEMPERATURE):
-        raise InvalidComparison(f"{where}.temperature", f"must be a finite number in 0.."
-                                f"{MAX_TEMPERATURE:g} (0 = greedy), got {s.temperature}")
+    if s.HasField("temperature") and not (math.isfinite(s.temperature) and (
+            s.temperature == 0 or MIN_TEMPERATURE <= s.temperature <= MAX_TEMPERATURE)):
+        raise InvalidComparison(f"{where}.temperature", f"must be 0 (greedy) or between "
+                                f"{MIN_TEMPERATURE:g} and {MAX_TEMPERATURE:g}, got "
+                                f"{s.temperature}")
+    if s.top_k > MAX_TOP_K:
+        raise InvalidComparison(f"{where}.top_k", f"must be between 0 and {MAX_TOP_K} (0 = no "
+                                f"limit), got {s.top_k}")
     if s.HasField("top_p") and not (math.isfinite(s.top_p) and 0 < s.top_p <= 1):
         raise InvalidComparison(f"{where}.top_p", f"must be a finite number in (0, 1], got "
                                 f"{s.top_p}")

@@ -1,8 +1,9 @@
 """`rlhf up`: the whole loop on one machine — Redis, serving, learner, ranking UI.
 
 Phases: (1) Redis: a private ``redis-server`` (deploy/redis.conf, AOF on, data under
-``--data-dir``) unless ``--redis-url`` names one; wait for PING. (2) With no ``--model``,
-build the starter model (minutes the first time, cached after). (3) ``rlhf serve`` and
+``--data-dir``) unless ``--redis-url`` names one; wait for PING. (2) A named ``--model``
+(default SmolLM2-135M-Instruct; ``starter`` = the built-in one): ``rlhf models pull`` it
+(minutes the first time, cached after). (3) ``rlhf serve`` and
 ``rlhf learn`` side by side; wait for serving's ``ready`` line and the learner's
 ``GET /v1/status``. (4) ``rlhf ui``; wait for HTTP 200. (5) Print the addresses (and one
 JSON ``ready`` line on stdout) and run until SIGINT/SIGTERM or until a part dies.
@@ -200,12 +201,17 @@ class Launcher:
         return url
 
     def phase_build(self) -> None:
-        """With no --model: build (or find) the cached starter model before anyone loads it."""
-        if self.config.model:
+        """A named model (the default SmolLM2, the starter): fetch/convert or build it once
+        (``rlhf models pull``, minutes the first time, cached after) before serve and learn
+        both load it."""
+        from rlhf.modeling import model_kind
+
+        if model_kind(self.config.model) != "named":
             return
-        log.info("building/finding the starter model (the first build takes a few minutes)")
-        build = self.start("build", rlhf_cmd("starter-model"))
-        self.wait_for("the starter model", lambda: build.proc.poll() == 0, None)
+        name = self.config.model or "starter"
+        log.info("finding %s in the model cache (the first time it is fetched/built)", name)
+        build = self.start("build", rlhf_cmd("models", "pull", name))
+        self.wait_for(f"the model {name}", lambda: build.proc.poll() == 0, None)
         build.stop(self.config.stop_timeout_s)  # collects its output thread
         del self.children["build"]
 
@@ -310,7 +316,15 @@ class Launcher:
 
 
 def main(argv: Sequence[str]) -> int:
+    from rlhf.modeling import model_kind
+    from rlhf.models import UnknownModel
+
     config, extras, verbose = parse_args(argv)
+    try:
+        model_kind(config.model)
+    except UnknownModel as exc:
+        sys.stderr.write(f"rlhf up: --model: {exc}\n")
+        return 2
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s up: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # readiness polls are not news

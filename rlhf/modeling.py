@@ -1,7 +1,8 @@
 """Load a base causal LM (and its tokenizer) the way serving and the learner both need it.
 
 Any Hugging Face causal LM by hub id or local directory goes through ``from_pretrained``;
-the built-in starter model is just a local directory. 4-bit loading uses bitsandbytes.
+a named model (``rlhf.models``: the built-in starter, SmolLM2) is a cached local directory.
+4-bit loading uses bitsandbytes.
 """
 
 from __future__ import annotations
@@ -26,13 +27,42 @@ class LoadedModel:
     eos_token_ids: tuple[int, ...]
 
 
-def resolve_model_name(name: str) -> str:
-    """An empty name means the built-in starter model (built on first use)."""
-    if name:
-        return name
-    from rlhf.starter import ensure_starter_model
+def model_kind(name: str) -> str:
+    """How ``--model`` is read: "named" (``rlhf models list``; empty = the starter), "path"
+    (an existing directory) or "hub" (``owner/name``); UnknownModel for anything else."""
+    from rlhf import models
 
-    return str(ensure_starter_model())
+    name = name.strip()
+    if not name or name in models.REGISTRY:
+        return "named"
+    if Path(name).expanduser().is_dir():
+        return "path"
+    if "/" in name and not name.startswith(("/", "./", "../", "~")):
+        return "hub"
+    raise models.UnknownModel(name)
+
+
+def resolve_model_name(name: str) -> str:
+    """What every command's ``--model`` means, in one place: a directory or hub id for
+    from_pretrained. A named model is fetched/built and verified first (its cache entry)."""
+    from rlhf import models
+
+    if model_kind(name) == "named":
+        return str(models.ensure(name.strip() or "starter").path)
+    return name.strip()
+
+
+def display_name(name: str) -> str:
+    """The base model's name as served and recorded in adapter manifests: the name given,
+    except that the starter presets (empty or by name) are named by their cache directory,
+    which changes whenever their recipe does."""
+    from rlhf import models
+
+    name = name.strip()
+    entry = models.REGISTRY.get(name or "starter")
+    if entry is not None and entry.starter_preset:
+        return f"starter:{models.entry_dir(entry).name}"
+    return name
 
 
 def resolve_device(device: str) -> torch.device:
@@ -74,7 +104,7 @@ def _eos_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> tupl
 
 def load_model(name: str, *, device: str = "auto", dtype: str = "auto",
                load_in_4bit: bool = False) -> LoadedModel:
-    """Load tokenizer and model in eval mode; ``name`` empty = starter model."""
+    """Load tokenizer and model in eval mode; ``name`` as :func:`resolve_model_name`."""
     path = resolve_model_name(name)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -93,7 +123,6 @@ def load_model(name: str, *, device: str = "auto", dtype: str = "auto",
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    display = name or f"starter:{Path(path).name}"
-    return LoadedModel(model=model, tokenizer=tokenizer, name=display,
+    return LoadedModel(model=model, tokenizer=tokenizer, name=display_name(name),
                        context_length=_context_length(model, tokenizer),
                        eos_token_ids=_eos_ids(model, tokenizer))

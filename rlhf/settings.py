@@ -21,16 +21,25 @@ import textwrap
 import types
 import typing
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 T = TypeVar("T")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+PORT = (0, 65535)  # TCP/UDP port numbers; 0 = let the OS pick a free one
 
 
 def setting(default: Any, help: str, **meta: Any) -> Any:
-    """A config field carrying its help text (and flags such as ``secret=True``)."""
+    """A config field carrying its help text (and flags such as ``secret=True``;
+    ``bounds=(lo, hi)``: the inclusive range ``build`` accepts for a number;
+    ``address="url"`` or ``"host:port"``: a string whose port ``build`` checks)."""
     return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+def port(default: int, help: str, lowest: int = PORT[0]) -> Any:
+    """A port setting: 0..65535 (``lowest=-1`` when -1 means "off")."""
+    return setting(default, help, bounds=(lowest, PORT[1]))
 
 
 def nested(cls: type, help: str, shared: tuple[str, ...] = ()) -> Any:
@@ -118,7 +127,7 @@ def _parse(value: str, tp: type, name: str) -> Any:
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one ``--field-name`` option per setting (default: not given)."""
     for knob in knobs(cls):
-        helptext = knob.field.metadata.get("help", "")
+        helptext = knob.field.metadata.get("help", "").replace("%", "%%")  # argparse formats
         if knob.type is bool:
             parser.add_argument(knob.flag, dest=knob.name, action=argparse.BooleanOptionalAction,
                                 default=None, help=helptext)
@@ -169,12 +178,43 @@ def from_flat(cls: type[T], values: typing.Mapping[str, Any]) -> T:
     return build(cls, argparse.Namespace(**values), "", env={})
 
 
+def _address_problem(value: str, kind: str) -> str | None:
+    """Why the port in ``value`` (a URL, or host:port) is not 0..65535; None if it is."""
+    try:
+        if kind == "url":
+            urlsplit(value).port  # noqa: B018 - the property raises on a bad port
+            return None
+        digits = value.rpartition(":")[2]  # e.g. unix:/path has none: nothing to check
+        if digits.isdigit() and not PORT[0] <= int(digits) <= PORT[1]:
+            return f"the port must be in {PORT[0]}..{PORT[1]}"
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _check_bounds(cls: type, values: dict[str, Any]) -> None:
+    problems = []
+    for f in dataclasses.fields(cls):
+        bounds, kind = f.metadata.get("bounds"), f.metadata.get("address")
+        value = values.get(f.name, f.default)
+        if bounds is not None and value is not None and not bounds[0] <= value <= bounds[1]:
+            problems.append(f"{f.name}: must be between {bounds[0]} and {bounds[1]}, "
+                            f"got {value}")
+        why = _address_problem(value, kind) if kind and value else None
+        if why:
+            shown = "***" if f.metadata.get("secret") else repr(value)
+            problems.append(f"{f.name}: {why} (got {shown})")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def _construct(cls: type[T], values: dict[str, Any]) -> T:
     kwargs = dict(values)
     for f in dataclasses.fields(cls):
         sub = f.metadata.get("nested")
         if sub is not None and f.name in kwargs:
             kwargs[f.name] = _construct(sub, kwargs[f.name])
+    _check_bounds(cls, kwargs)
     return cls(**kwargs)
 
 

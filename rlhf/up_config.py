@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from rlhf import settings
+from rlhf.models import DEFAULT_RUN_MODEL
+from rlhf.settings import port as _port
 from rlhf.settings import setting as _f
 
 ENV_PREFIX = "RLHF_UP_"
@@ -26,19 +28,20 @@ SECTIONS = ("serve", "learn", "ui")  # TOML tables of extra flags for each child
 class UpConfig:
     """Everything `rlhf up` needs; flags, RLHF_UP_* env vars and --config keys set it."""
 
-    model: str = _f("", "hub id or local directory of the base model serving and the learner "
-                    "share; empty = the built-in starter model (built on first use)")
+    model: str = _f(DEFAULT_RUN_MODEL, "base model serving and the learner share: a name of "
+                    "`rlhf models list` (fetched/built on first use), a local directory or a "
+                    "hub id; empty or 'starter' = the built-in starter model")
     data_dir: str = _f(".rlhf", "private Redis data (redis/), the learner's dataset "
                        "(learner/) and the adapter store (adapters/)")
     redis_url: str = _f("", "use this Redis; empty = run a private redis-server (AOF on) "
-                        "and stop it on exit", secret=True)
-    redis_port: int = _f(6390, "port of the private redis-server (0 = a free one)")
+                        "and stop it on exit", secret=True, address="url")
+    redis_port: int = _port(6390, "port of the private redis-server (0 = a free one)")
     redis_server: str = _f("redis-server", "redis-server binary for the private Redis")
     host: str = _f("127.0.0.1", "interface every part binds to")
-    grpc_port: int = _f(50051, "serving's gRPC port (0 = a free one)")
-    http_port: int = _f(8000, "serving's OpenAI-compatible HTTP port (0 = a free one)")
-    learner_port: int = _f(8100, "the learner's admin API port (0 = a free one)")
-    ui_port: int = _f(7860, "the ranking UI's port (0 = a free one)")
+    grpc_port: int = _port(50051, "serving's gRPC port (0 = a free one)")
+    http_port: int = _port(8000, "serving's OpenAI-compatible HTTP port (0 = a free one)")
+    learner_port: int = _port(8100, "the learner's admin API port (0 = a free one)")
+    ui_port: int = _port(7860, "the ranking UI's port (0 = a free one)")
     users: str = _f("", "labeler accounts of the UI: 'alice:pw,bob:pw' or a file; empty = "
                     "$RLHF_UI_USERS, else demo:demo", secret=True)
     operator_token: str = _f("", "bearer token of the learner's admin API (the UI's Dashboard "
@@ -53,7 +56,7 @@ class UpConfig:
     load_in_4bit: bool = _f(False, "load the base model in 4-bit (bitsandbytes; GPU)")
     k: int = _f(4, "alternatives per turn in the UI (2..9)")
     ready_timeout_s: float = _f(600.0, "seconds each part gets to become ready (after the "
-                                "starter model is built)")
+                                "model is fetched/built)")
     stop_timeout_s: float = _f(30.0, "seconds each part gets to stop before SIGKILL")
 
     def __post_init__(self) -> None:

@@ -1,7 +1,7 @@
 """Who is calling: the bearer credentials serving knows, and which labeler each one proves.
 
-Three kinds of credential (all optional, all ``Authorization: Bearer <token>``, the scheme
-case-insensitive as RFC 7235 allows):
+Three kinds of credential (all optional, all ``Authorization: Bearer <token>`` as
+``rlhf.auth`` parses it, the scheme in any case):
 
 - the shared token (``--auth-token``): any Policy call; proves no labeler, so it may not
   submit rankings once labelers are bound (PERMISSION_DENIED);
@@ -29,6 +29,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlhf.auth import bearer_token
 from rlhf.contract import name_problem
 from rlhf.v1 import feedback_pb2 as fb
 from serving.service import Code, ServiceError
@@ -63,13 +64,6 @@ OPEN = Claim("", fb.LABELER_AUTH_NONE)
 
 def hash_token(token: str) -> str:
     return _HASH_PREFIX + hashlib.sha256(token.encode()).hexdigest()
-
-
-def bearer(header: str | None) -> str | None:
-    """The token of ``Bearer <token>`` (scheme in any case), or None."""
-    scheme, _, token = (header or "").strip().partition(" ")
-    token = token.strip()
-    return token if scheme.lower() == "bearer" and token else None
 
 
 def load_labeler_tokens(path: str) -> dict[str, str]:
@@ -119,7 +113,7 @@ class Credentials:
         return bool(self.ui_token or self.labeler_hashes)
 
     def identify(self, authorization: str | None) -> Principal:
-        token = bearer(authorization)
+        token = bearer_token(authorization)
         if token is None:
             return Principal(Kind.NONE)
         given = token.encode()

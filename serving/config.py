@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rlhf.contract import MAX_CHARS
+from rlhf.settings import port as _port
 from rlhf.settings import setting as _f
 
 
@@ -12,7 +13,8 @@ from rlhf.settings import setting as _f
 class ServingConfig:
     """Everything `rlhf serve` needs; CLI flags and RLHF_SERVE_* env vars override defaults."""
 
-    model: str = _f("", "hub id or local directory; empty = the built-in starter model")
+    model: str = _f("", "a name of `rlhf models list` (fetched on first use), a local "
+                    "directory or a hub id; empty = the built-in starter model")
     adapter: str = _f("", "optional PEFT LoRA adapter directory to start with")
     adapter_version: str = _f("", "version name of --adapter (default: its directory name)")
     load_in_4bit: bool = _f(False, "load the base model in 4-bit through bitsandbytes")
@@ -21,8 +23,9 @@ class ServingConfig:
     threads: int = _f(0, "torch threads for the decode loop; 0 = torch's default")
 
     host: str = _f("127.0.0.1", "interface both servers bind to")
-    grpc_port: int = _f(50051, "gRPC port (0 = pick a free one)")
-    http_port: int = _f(8000, "OpenAI-compatible HTTP port (0 = pick a free one, -1 = off)")
+    grpc_port: int = _port(50051, "gRPC port (0 = pick a free one)")
+    http_port: int = _port(8000, "OpenAI-compatible HTTP port (0 = pick a free one, -1 = off)",
+                           lowest=-1)
     auth_token: str = _f("", "bearer token clients must send; empty = no auth (it proves no "
                          "labeler: rankings need --ui-token or --labeler-tokens)", secret=True)
     ui_token: str = _f("", "service token of the ranking UI: it may name the logged-in labeler "
@@ -44,7 +47,7 @@ class ServingConfig:
     shutdown_grace_s: float = _f(10.0, "seconds running streams get to finish on shutdown")
 
     redis_url: str = _f("", "Redis holding the comparisons stream, e.g. redis://127.0.0.1:6379/0; "
-                        "empty = the Feedback API is off", secret=True)
+                        "empty = the Feedback API is off", secret=True, address="url")
     adapter_store: str = _f("", "adapter store directory (STORE/<version>/); with --redis-url "
                             "this replica follows the registry's current adapter (hot-swap); "
                             "empty = off")

@@ -5,7 +5,9 @@ are free and prefills them together (the n alternatives of a request share one p
 its cache rows repeated n times), (2) runs one decode step for every running row, whatever
 request it belongs to, and (3) detokenizes, applies stop rules and hands each request its
 new text. Rows leave the batch the step they finish or their request is cancelled, so a
-slot is free again at once (iteration-level scheduling, Orca/vLLM style).
+slot is free again at once (iteration-level scheduling, Orca/vLLM style). A phase that
+raises is rolled back and run once per request, so one request's bad data fails only that
+request (serving/isolation.py).
 
 Asyncio callers talk to it through ``submit`` (raises ``QueueFull`` instead of waiting) and
 the returned ``RequestHandle`` (async iterator of event lists; ``cancel``).
@@ -21,7 +23,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from math import inf
 from typing import Any
@@ -29,98 +31,32 @@ from typing import Any
 import torch
 
 from serving.adapters import AdapterManager
+from serving.isolation import (
+    Checkpoint,
+    Running,
+    checkpoint,
+    merge,
+    rollback,
+    run_isolated,
+    split_by_request,
+)
 from serving.kvbatch import KVBatch
-from serving.sampling import sample_next
+from serving.requests import (  # also re-exported: callers import them from here
+    CONTEXT,
+    EOS,
+    MAX_TOKENS,
+    STOP,
+    DeadlineExceeded,
+    EngineStats,
+    EngineStopped,
+    Event,
+    QueueFull,
+    RequestHandle,
+    Sampling,
+)
+from serving.sampling import sample_next, uniform
 
 log = logging.getLogger(__name__)
-
-EOS, MAX_TOKENS, STOP, CONTEXT = "eos", "max_tokens", "stop", "context"
-
-
-class QueueFull(Exception):
-    """Too many requests are waiting; the caller should retry later."""
-
-
-class EngineStopped(Exception):
-    """The engine is shutting down or failed; no new work is taken."""
-
-
-class DeadlineExceeded(Exception):
-    """The request's deadline passed before it finished."""
-
-
-@dataclass(frozen=True)
-class Sampling:
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    min_new_tokens: int = 0
-
-
-@dataclass(frozen=True)
-class Event:
-    """What one alternative produced in one step (or its end, when finish_reason is set)."""
-
-    index: int
-    text: str
-    completion_tokens: int
-    finish_reason: str | None = None
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    running_rows: int
-    waiting_requests: int
-    steps: int
-    tokens_generated: int
-
-
-class RequestHandle:
-    """The caller's side of one request: iterate for event lists, ``cancel`` to stop it."""
-
-    def __init__(self, request_id: str, n: int, prompt_ids: list[int], sampling: Sampling,
-                 adapter: str, seeds: list[int], loop: asyncio.AbstractEventLoop,
-                 deadline: float | None) -> None:
-        self.request_id = request_id
-        self.n = n
-        self.prompt_ids = prompt_ids
-        self.sampling = sampling
-        self.adapter = adapter
-        self.seeds = seeds
-        self.deadline = deadline
-        self.submitted_at = time.monotonic()
-        self.first_token_at: float | None = None
-        self._loop = loop
-        self._queue: asyncio.Queue[list[Event] | BaseException] = asyncio.Queue()
-        self._open = n
-        self.cancelled = False
-        self.released = False
-
-    def cancel(self) -> None:
-        """Stop generating; the engine frees this request's rows at its next step."""
-        self.cancelled = True
-
-    @property
-    def done(self) -> bool:
-        return self._open == 0
-
-    def _push(self, item: list[Event] | BaseException) -> None:
-        self._queue.put_nowait(item)
-
-    def __aiter__(self) -> AsyncIterator[list[Event]]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[list[Event]]:
-        while self._open > 0:
-            item = await self._queue.get()
-            if isinstance(item, BaseException):
-                self._open = 0
-                raise item
-            self._open -= sum(1 for e in item if e.finish_reason is not None)
-            yield item
 
 
 @dataclass
@@ -129,7 +65,7 @@ class _Row:
 
     handle: RequestHandle
     index: int
-    rng: random.Random
+    seed: int
     tokens: list[int] = field(default_factory=list)
     sent: int = 0  # characters of the decoded text already handed out
     finish: str | None = None
@@ -160,6 +96,7 @@ class Engine:
         self._positions = torch.zeros(0, dtype=torch.long)
         self._last = torch.zeros(0, dtype=torch.long)
         self._stopping = False
+        self._admitting = 0  # rows taken from the queue but not yet prefilled
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.tokens_generated = 0
@@ -204,16 +141,30 @@ class Engine:
         with self._cond:
             if self._stopping:
                 raise EngineStopped("the engine is shutting down")
-            if len(self._waiting) >= self.max_queue:
+            if self._beyond_free_slots() >= self.max_queue:
                 self._purge_cancelled_waiting()
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting")
+            beyond = self._beyond_free_slots()
+            if beyond >= self.max_queue:
+                raise QueueFull(f"{beyond} requests are already waiting for a free batch slot")
             adapter = self.adapters.acquire(adapter_version)
             handle = RequestHandle(request_id, n, prompt_ids, sampling, adapter, seeds, loop,
                                    deadline)
             self._waiting.append(handle)
             self._cond.notify_all()
         return handle
+
+    def _beyond_free_slots(self) -> int:
+        """Waiting requests that the next step cannot admit (lock held).
+
+        The queue limit counts these only: requests that fit the batch's free slots are
+        about to run, whether or not the engine thread has taken them yet.
+        """
+        free = self.max_batch_size - len(self._rows) - self._admitting
+        for i, handle in enumerate(self._waiting):
+            if handle.n > free:  # FIFO: it and everything behind it wait
+                return len(self._waiting) - i
+            free -= handle.n
+        return 0
 
     def _purge_cancelled_waiting(self) -> None:
         """Drop waiting requests whose callers went away (lock held): they hold no slot."""
@@ -248,9 +199,11 @@ class Engine:
                 self._run_calls(calls)
                 try:
                     self._step(admitted)
-                except Exception as exc:  # one bad step must not kill serving
+                except Exception as exc:  # not attributable to one request (see _step)
                     log.exception("engine step failed; failing the requests in it")
                     self._fail_all(exc, admitted)
+                finally:
+                    self._admitting = 0
         self._fail_all(EngineStopped("the engine stopped"), list(self._waiting))
 
     def _run_calls(self, calls: list) -> None:
@@ -278,17 +231,71 @@ class Engine:
             self._waiting.popleft()
             free -= head.n
             taken.append(head)
+        self._admitting = sum(h.n for h in taken)
         return taken
 
     def _step(self, admitted: list[RequestHandle]) -> None:
+        """Prefill the admitted requests, then one decode step of every row.
+
+        Each phase is isolated (serving/isolation.py): when it raises, the state is rolled
+        back and the phase runs once per request, so only a request that fails on its own
+        gets an error.
+        """
         self._drop_expired_and_cancelled()
         if admitted:
-            self._prefill(admitted)
+            self._isolated(lambda: self._prefill(admitted),
+                           lambda: [(h, lambda h=h: self._prefill([h])) for h in admitted])
+        self._admitting = 0
         if self._rows:
-            self._decode()
+            self._isolated(self._decode, self._decode_parts)
         self.steps += 1
         if self.on_step is not None:
             self.on_step(self.stats())
+
+    # -- isolation ---------------------------------------------------------------------
+
+    def _running(self) -> Running:
+        return Running(self._batch, self._rows, self._positions, self._last)
+
+    def _set_running(self, running: Running) -> None:
+        self._batch, self._rows = running.batch, running.rows
+        self._positions, self._last = running.positions, running.last
+
+    def _checkpoint(self) -> Checkpoint:
+        return checkpoint(self._running(), self.tokens_generated)
+
+    def _rollback(self, cp: Checkpoint) -> None:
+        running, self.tokens_generated = rollback(cp)
+        self._set_running(running)
+
+    def _isolated(self, phase: Callable[[], None],
+                  alone: Callable[[], list[tuple[RequestHandle, Callable[[], None]]]]) -> None:
+        run_isolated(phase, alone, self._checkpoint, self._rollback, self._fail_one)
+
+    def _fail_one(self, handle: RequestHandle, exc: Exception) -> None:
+        self._release(handle)
+        _push_threadsafe(handle, exc)
+
+    def _decode_parts(self) -> list[tuple[RequestHandle, Callable[[], None]]]:
+        """One decode step per request, each on its own copy of its cache rows; the parts
+        that succeed are merged back into the running batch."""
+        parts = split_by_request(self._running())
+        self._set_running(self._empty())
+
+        def step(part: Running) -> None:
+            others = self._running()
+            self._set_running(part)
+            try:
+                self._decode()
+                part = self._running()
+            finally:
+                self._set_running(others)
+            self._set_running(merge([others, part], self._empty()))
+
+        return [(h, lambda part=part: step(part)) for h, part in parts]
+
+    def _empty(self) -> Running:
+        return Running(None, [], self._positions[:0], self._last[:0])
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  cache: Any, versions: list[str]) -> tuple[torch.Tensor, Any]:
@@ -311,7 +318,7 @@ class Engine:
         repeat = torch.tensor([i for i, h in enumerate(group) for _ in range(h.n)])
         fresh = KVBatch(cache, mask.to(self.device))
         fresh.select(repeat.to(self.device))
-        rows = [_Row(h, k, random.Random(h.seeds[k])) for h in group for k in range(h.n)]
+        rows = [_Row(h, k, h.seeds[k]) for h in group for k in range(h.n)]
         first = self._sample(logits.index_select(0, repeat.to(logits.device)), rows)
         lengths = torch.tensor([len(h.prompt_ids) for h in group]).index_select(0, repeat)
         if self._batch is None:
@@ -347,7 +354,7 @@ class Engine:
             torch.tensor([p.temperature for p in params]),
             torch.tensor([p.top_k for p in params]),
             torch.tensor([p.top_p for p in params]),
-            torch.tensor([r.rng.random() for r in rows]))
+            torch.tensor([uniform(r.seed, len(r.tokens)) for r in rows], dtype=torch.float64))
 
     # -- per-row bookkeeping -------------------------------------------------------------
 

@@ -22,7 +22,6 @@ from google.protobuf import json_format
 from rlhf.v1 import feedback_pb2, feedback_pb2_grpc
 from serving.auth import LABELER_HEADER, Credentials
 from serving.feedback import FeedbackService, SubmitResult
-from serving.feedback_openapi import SUBMIT_RESPONSES, submit_openapi
 from serving.grpc_server import STATUS as GRPC_STATUS
 from serving.grpc_server import _metadata
 from serving.http_api import STATUS as HTTP_STATUS
@@ -85,7 +84,7 @@ def parse_comparison(body: bytes) -> feedback_pb2.Comparison:
         raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") \
             from None
     except RecursionError:
-        raise APIError(400, "request body is nested too deeply to be an rlhf.v1.Comparison",
+        raise APIError(400, "request body is not valid JSON: nested too deeply",
                        code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object: an rlhf.v1.Comparison",
@@ -105,7 +104,7 @@ def feedback_router(feedback: FeedbackService, credentials: Credentials) -> APIR
     """``POST /v1/feedback/comparisons``: 200 with a SubmitResponse; 400, 401, 403 or 503."""
     router = APIRouter()
 
-    @router.post(ROUTE, openapi_extra=submit_openapi(), responses=SUBMIT_RESPONSES)
+    @router.post(ROUTE)
     async def submit_comparison(request: Request) -> JSONResponse:
         try:
             claim = credentials.claim(request.headers.get("authorization"),

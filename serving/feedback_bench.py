@@ -111,9 +111,10 @@ def _labelers(target: str, args: argparse.Namespace) -> dict:
 
 
 def _resolve_model(name: str) -> str:
-    from rlhf.starter import PRESETS, ensure_starter_model
+    """``--model`` as every command reads it (rlhf.modeling); "tiny" = ``starter-tiny``."""
+    from rlhf.modeling import resolve_model_name
 
-    return str(ensure_starter_model(name or "starter")) if name in ("", *PRESETS) else name
+    return resolve_model_name("starter-tiny" if name == "tiny" else name)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -149,7 +150,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="rlhf bench feedback", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="", help="model dir, or a starter preset (starter, tiny)")
+    p.add_argument("--model", default="", help="a name of `rlhf models list` (tiny = "
+                   "starter-tiny), a directory or a hub id; default: the starter")
     p.add_argument("--concurrency", type=int, default=16, help="gRPC clients in (a)")
     p.add_argument("--seconds", type=float, default=10.0, help="duration of (a)")
     p.add_argument("--k", type=int, default=4)

@@ -143,7 +143,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="rlhf bench hotswap", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="", help="model directory, hub id or starter preset")
+    p.add_argument("--model", default="", help="a name of `rlhf models list` (tiny = "
+                   "starter-tiny), a directory or a hub id; default: the starter")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--publishes", type=int, default=10)

@@ -11,20 +11,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncGenerator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.auth import Credentials
+from serving.openapi import install as install_openapi
 from serving.service import Code, GenerateInput, Generation, Info, PolicyService, ServiceError
+
+log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
 STATUS = {Code.INVALID_ARGUMENT: 400, Code.UNAUTHENTICATED: 401, Code.PERMISSION_DENIED: 403,
@@ -70,18 +74,37 @@ def service_error(exc: ServiceError) -> APIError:
     return APIError(STATUS[exc.code], message, param, exc.code.value)
 
 
+def _utf8(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"not valid Unicode text ({exc.reason} at character {exc.start}); "
+                         "send UTF-8 text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]  # JSON may escape a lone surrogate: "\ud800"
+
+
+def _whole(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Int = Annotated[int, BeforeValidator(_whole)]  # JSON Schema's integer: 3 and 3.0, not "3"
+
+
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class TextPart(_Wire):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Wire):
-    role: str
-    content: str | list[TextPart] | None = None
+    role: Text
+    content: Text | list[TextPart] | None = None
 
 
 class StreamOptions(_Wire):
@@ -89,20 +112,20 @@ class StreamOptions(_Wire):
 
 
 class ChatRequest(_Wire):
-    model: str | None = None
+    model: Text | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    n: int | None = None
+    n: Int | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Int | None = None
+    max_completion_tokens: Int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    top_k: int | None = None
-    min_tokens: int | None = None
-    adapter_version: str | None = None
+    seed: Int | None = None
+    stop: Text | list[Text] | None = None
+    top_k: Int | None = None
+    min_tokens: Int | None = None
+    adapter_version: Text | None = None
 
 
 def to_input(body: ChatRequest, adapter: str | None, request_id: str | None) -> GenerateInput:
@@ -110,6 +133,9 @@ def to_input(body: ChatRequest, adapter: str | None, request_id: str | None) -> 
         return content if isinstance(content, str) else "\n".join(p.text for p in content or ())
 
     max_new = body.max_completion_tokens
+    if None not in (max_new, body.max_tokens) and max_new != body.max_tokens:
+        raise APIError(400, "max_tokens and max_completion_tokens disagree; give one of them",
+                       "max_completion_tokens", "invalid_value")
     return GenerateInput(
         messages=[("system" if m.role == "developer" else m.role, text(m.content))
                   for m in body.messages],
@@ -206,6 +232,9 @@ async def stream(gen: Generation, head: dict[str, Any], include_usage: bool
         yield "data: [DONE]\n\n"
     except ServiceError as exc:
         yield _sse(service_error(exc).body())
+    except Exception:  # the status line is sent: the error can only go into the stream
+        log.exception("streaming a chat completion failed")
+        yield _sse(INTERNAL_ERROR.body())
 
 
 class EventStream(StreamingResponse):
@@ -223,6 +252,36 @@ class EventStream(StreamingResponse):
             if not self.gen.handle.done:
                 self.gen.cancel()
             await self.content.aclose()  # runs the generator's cleanup (metrics) now
+
+
+INTERNAL_ERROR = APIError(500, "internal server error: the request was not completed; the "
+                          "server logged the cause", code="internal")
+
+
+class JSONErrors:
+    """The last line: an exception no handler took becomes the API's JSON 500 (logged once
+    with its traceback), never Starlette's plain-text one."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            log.exception("unhandled error answering %s %s", scope.get("method"),
+                          scope.get("path"))
+            if not started:
+                await INTERNAL_ERROR.response()(scope, receive, send)
 
 
 class Guard:
@@ -278,6 +337,8 @@ def create_app(service: PolicyService, credentials: Credentials | None = None) -
     app = FastAPI(title="rlhf policy", docs_url=None, redoc_url=None)
     app.add_middleware(Guard, service=service,
                        credentials=credentials or Credentials(service.config.auth_token))
+    app.add_middleware(JSONErrors)  # added last: the outermost of ours
+    install_openapi(app, service.config)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -293,7 +354,11 @@ def create_app(service: PolicyService, credentials: Credentials | None = None) -
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return APIError(exc.status_code, str(exc.detail)).response(exc.headers)
+        message, cause = str(exc.detail), exc.__cause__
+        if exc.status_code == 400 and cause is not None:  # FastAPI could not parse the body
+            why = "nested too deeply" if isinstance(cause, RecursionError) else str(cause)
+            message = f"request body is not valid JSON: {why}"
+        return APIError(exc.status_code, message).response(exc.headers)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatRequest, request: Request) -> Response:

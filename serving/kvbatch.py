@@ -9,11 +9,13 @@ every row are trimmed from the left. Tensors are [B, heads, T, head_dim] per lay
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers import DynamicCache
 
 
-def _layers(cache: DynamicCache) -> list:
+def layers_of(cache: DynamicCache) -> list:
     layers = list(cache.layers)
     for layer in layers:
         if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
@@ -49,7 +51,7 @@ class KVBatch:
     def pad_left(self, n: int) -> None:
         if n <= 0:
             return
-        for layer in _layers(self.cache):
+        for layer in layers_of(self.cache):
             layer.keys = _pad_left(layer.keys, n)
             layer.values = _pad_left(layer.values, n)
         self.mask = torch.cat([self.mask.new_zeros(self.size, n), self.mask], dim=1)
@@ -59,18 +61,26 @@ class KVBatch:
         width = max(self.width, other.width)
         self.pad_left(width - self.width)
         other.pad_left(width - other.width)
-        for mine, theirs in zip(_layers(self.cache), _layers(other.cache), strict=True):
+        for mine, theirs in zip(layers_of(self.cache), layers_of(other.cache), strict=True):
             mine.keys = torch.cat([mine.keys, theirs.keys], dim=0)
             mine.values = torch.cat([mine.values, theirs.values], dim=0)
         self.mask = torch.cat([self.mask, other.mask], dim=0)
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep (and reorder to) ``rows``, a 1-D index tensor; may repeat rows."""
-        for layer in _layers(self.cache):
+        for layer in layers_of(self.cache):
             layer.keys = layer.keys.index_select(0, rows)
             layer.values = layer.values.index_select(0, rows)
         self.mask = self.mask.index_select(0, rows)
         self.trim()
+
+    def take(self, rows: torch.Tensor) -> KVBatch:
+        """A new KVBatch holding ``rows`` of this one, which is left as it is."""
+        cache = copy.copy(self.cache)
+        cache.layers = [copy.copy(layer) for layer in self.cache.layers]
+        out = KVBatch(cache, self.mask)
+        out.select(rows)
+        return out
 
     def trim(self) -> None:
         """Drop leading columns that are padding in every row."""
@@ -78,7 +88,7 @@ class KVBatch:
         first = int(used[0]) if used.numel() else self.width
         if first == 0:
             return
-        for layer in _layers(self.cache):
+        for layer in layers_of(self.cache):
             layer.keys = layer.keys[..., first:, :]
             layer.values = layer.values[..., first:, :]
         self.mask = self.mask[:, first:]

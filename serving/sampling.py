@@ -1,8 +1,9 @@
 """Pure next-token sampling for a batch whose rows each have their own parameters.
 
-Randomness comes in as one uniform number per row (drawn from that row's own seeded
-generator), so a row's tokens depend on its seed and its logits only, never on which
-other requests share the batch.
+Randomness comes in as one uniform number per row, ``uniform(seed, step)``: a pure function
+of the alternative's seed and the index of the token being sampled. So a row's tokens
+depend on its seed and its logits only, never on which other requests share the batch,
+and a step that is rolled back and run again (serving/isolation.py) draws the same numbers.
 """
 
 from __future__ import annotations
@@ -42,3 +43,16 @@ def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
     # with right=True returns the first index whose cdf exceeds the target, which has p > 0.
     sampled = order.gather(-1, pos).squeeze(-1)
     return torch.where(greedy, logits.argmax(dim=-1), sampled)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def uniform(seed: int, step: int) -> float:
+    """The uniform in [0, 1) for token ``step`` (0, 1, ...) of an alternative sampled with
+    ``seed``: output ``step + 1`` of SplitMix64 seeded with ``seed`` (Steele et al. 2014),
+    computed directly, its top 53 bits as a double."""
+    z = (seed + (step + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return ((z ^ (z >> 31)) >> 11) / (1 << 53)

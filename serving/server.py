@@ -38,8 +38,10 @@ from serving.config import ServingConfig
 from serving.engine import Engine
 from serving.feedback import FeedbackService
 from serving.feedback_api import FeedbackServicer, feedback_router
+from serving.grpc_decode import DecodeGuard
 from serving.grpc_server import BearerAuthInterceptor, PolicyServicer
 from serving.http_api import create_app
+from serving.http_protocol import JSONErrorsH11Protocol
 from serving.registry import RegistryFollower
 from serving.service import PolicyService
 
@@ -84,7 +86,9 @@ async def _phase_listen(config: ServingConfig, service: PolicyService,
                         feedback: FeedbackService | None = None,
                         credentials: Credentials | None = None) -> Running:
     credentials = credentials or Credentials.from_config(config)
-    interceptors = [BearerAuthInterceptor(credentials)] if credentials.gated else []
+    interceptors: list[grpc.aio.ServerInterceptor] = (
+        [BearerAuthInterceptor(credentials)] if credentials.gated else [])
+    interceptors.append(DecodeGuard())  # last: every method sees a request that decoded
     server = grpc.aio.server(interceptors=interceptors,
                              options=[("grpc.max_receive_message_length", 8 << 20)])
     policy_pb2_grpc.add_PolicyServicer_to_server(PolicyServicer(service), server)
@@ -116,8 +120,9 @@ async def _phase_listen(config: ServingConfig, service: PolicyService,
         app = create_app(service, credentials)
         if feedback is not None:
             app.include_router(feedback_router(feedback, credentials))
-        http = _EmbeddedUvicorn(uvicorn.Config(app, log_level="warning",
-                                               lifespan="off", access_log=False))
+        http = _EmbeddedUvicorn(uvicorn.Config(app, http=JSONErrorsH11Protocol,
+                                               log_level="warning", lifespan="off",
+                                               access_log=False))
         http_task = asyncio.create_task(http.serve(sockets=[sock]))
     return Running(server, grpc_port, http, http_task, http_port, health_servicer, names,
                    feedback)
@@ -213,11 +218,13 @@ async def _phase_load(config: ServingConfig, service: PolicyService, run: Runnin
 
 async def _phase_shutdown(config: ServingConfig, service: PolicyService, run: Running,
                           engine: Engine | None) -> None:
-    """Health NOT_SERVING at once; running and queued requests finish within the grace."""
+    """Refuse new work, then health NOT_SERVING; running and queued requests finish within
+    the grace. The order matters: a client that saw NOT_SERVING must find new Generate calls
+    refused, so the refusal starts first, before anything awaits."""
+    service.drain()  # /healthz 503, new Generate calls get UNAVAILABLE
     await run.health.enter_graceful_shutdown()
     if run.follower is not None:
         await asyncio.to_thread(run.follower.stop)
-    service.drain()  # /healthz 503, new Generate calls get UNAVAILABLE
     if engine is not None:
         deadline = asyncio.get_running_loop().time() + config.shutdown_grace_s
         while asyncio.get_running_loop().time() < deadline:

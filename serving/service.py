@@ -14,7 +14,14 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from rlhf.contract import ROLES, is_version_name, name_problem
+from rlhf.contract import (
+    MAX_TEMPERATURE,
+    MAX_TOP_K,
+    MIN_TEMPERATURE,
+    ROLES,
+    is_version_name,
+    name_problem,
+)
 from rlhf.modeling import LoadedModel
 from serving.adapters import AdapterManager, UnknownAdapter
 from serving.config import ServingConfig
@@ -31,7 +38,8 @@ from serving.metrics import ServingMetrics
 
 SERVER_VERSION = "0.1.0"
 _REQUEST_ID_MAX = 128
-_MAX_TEMPERATURE = 100.0
+# Sampling ranges (README "Sampling parameters") live in rlhf.contract: a ranking records
+# the sampling of its candidates, and the Feedback door checks them against the same ones.
 
 
 class Code(enum.Enum):
@@ -189,6 +197,9 @@ class PolicyService:
             raise
 
     def _open(self, req: GenerateInput, api: str) -> Generation:
+        if self.draining:
+            raise ServiceError(Code.UNAVAILABLE, "the server is shutting down; retry on "
+                               "another replica")
         model, engine, _ = self._require()
         sampling, n = self._sampling(req)
         adapter = _check_adapter_name(req.adapter_version)
@@ -226,16 +237,18 @@ class PolicyService:
         if not 0 <= min_new <= max_new:
             raise _invalid(f"min_new_tokens must be between 0 and max_new_tokens ({max_new}), "
                            f"got {min_new}")
-        temperature = 1.0 if req.temperature is None else req.temperature
-        if not (math.isfinite(temperature) and 0 <= temperature <= _MAX_TEMPERATURE):
-            raise _invalid(f"temperature must be between 0 and {_MAX_TEMPERATURE:g} "
-                           f"(0 = greedy), got {temperature}")
-        top_p = 1.0 if req.top_p is None else req.top_p
+        temperature = 1.0 if req.temperature is None else float(req.temperature)
+        if not (temperature == 0 or (math.isfinite(temperature)
+                                     and MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE)):
+            raise _invalid(f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE:g} and "
+                           f"{MAX_TEMPERATURE:g}, got {temperature:g}")
+        top_p = 1.0 if req.top_p is None else float(req.top_p)
         if not (math.isfinite(top_p) and 0 < top_p <= 1):
-            raise _invalid(f"top_p must be in (0, 1], got {top_p}")
+            raise _invalid(f"top_p must be in (0, 1], got {top_p:g}")
         top_k = 0 if req.top_k is None else req.top_k
-        if top_k < 0:
-            raise _invalid(f"top_k must be >= 0 (0 = no limit), got {top_k}")
+        if not 0 <= top_k <= MAX_TOP_K:
+            raise _invalid(f"top_k must be between 0 and {MAX_TOP_K} (0 = no limit), "
+                           f"got {top_k}")
         if req.seed is not None and not 0 <= req.seed < 2**64:
             raise _invalid(f"seed must be in [0, 2^64), got {req.seed}")
         stop = tuple(req.stop)
@@ -243,6 +256,8 @@ class PolicyService:
             raise _invalid(f"at most {c.max_stop_sequences} stop sequences, got {len(stop)}")
         if any(not s for s in stop):
             raise _invalid("stop sequences must not be empty strings")
+        for i, s in enumerate(stop):
+            _check_text(f"stop[{i}]", s)
         return Sampling(max_new, temperature, top_p, top_k, req.seed, stop, min_new), n
 
     def _encode(self, model: LoadedModel, req: GenerateInput) -> list[int]:
@@ -257,10 +272,12 @@ class PolicyService:
                 if role not in ROLES:
                     raise _invalid(f"messages[{i}].role must be one of {', '.join(ROLES)}, "
                                    f"got {role!r}")
+                _check_text(f"messages[{i}].content", content)
                 if not content.strip():
                     raise _invalid(f"messages[{i}].content is empty")
                 size += len(content)
         else:
+            _check_text("prompt", req.prompt or "")
             size += len(req.prompt or "")
         if size > self.config.max_request_chars:
             raise _invalid(f"request too large: {size} characters of text, limit "
@@ -281,6 +298,15 @@ class PolicyService:
             raise _invalid(f"prompt is {len(ids)} tokens; the context window is "
                            f"{model.context_length} (leave room for at least one new token)")
         return ids
+
+
+def _check_text(name: str, text: str) -> None:
+    """Text must be encodable as UTF-8: a lone surrogate (JSON "\\ud800") is not."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _invalid(f"{name} is not valid Unicode text ({exc.reason} at character "
+                       f"{exc.start}); send UTF-8 text") from None
 
 
 def _check_adapter_name(version: str | None) -> str | None:

@@ -125,3 +125,13 @@ def test_a_cancelled_waiting_request_frees_its_queue_place(loaded):
         assert asyncio.run(main()) == "ok"
     finally:
         engine.stop()
+
+
+def test_uniform_is_splitmix64_by_hand():
+    """SplitMix64 seeded with 0 first outputs 0xE220A8397B1DCDAF (the reference value of
+    Vigna's splitmix64.c); our uniform is its top 53 bits over 2^53."""
+    from serving.sampling import uniform
+
+    assert uniform(0, 0) == (0xE220A8397B1DCDAF >> 11) / 2**53
+    assert uniform(0, 1) == (0x6E789E6AA1B965F4 >> 11) / 2**53
+    assert all(0.0 <= uniform(seed, step) < 1.0 for seed in (0, 2**64 - 1) for step in range(50))

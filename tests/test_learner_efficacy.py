@@ -86,3 +86,35 @@ def test_gold_win_rate_rises_and_rm_beats_chance(tiny_model_dir: Path, redis_ser
     assert end["rm_heldout_comparisons"] >= 32
     assert end["rm_accuracy"] > 0.5 + rm_margin(end["rm_heldout_comparisons"]), summary
     assert end["kl"] > 0 and end["ptx_loss"] is not None and start["ptx_loss"] is not None
+
+
+DEFAULTS_EFF = dict(iterations=3, tasks_per_iteration=64, k=4, labelers=8, eval_tasks=200,
+                    seed=0)
+
+
+@pytest.mark.parametrize(("preference", "direction"), [("concise", -1), ("detailed", +1)])
+def test_shipped_defaults_move_opposite_preferences_within_three_iterations(
+        tiny_model_dir: Path, redis_server, tmp_path: Path, preference: str, direction: int):
+    """The learner's SHIPPED defaults (no knob set but where things live), 3 iterations of
+    64 comparisons: labelers who want shorter answers get shorter answers, labelers who want
+    longer ones get longer ones. Opposite preferences moving opposite ways means the policy
+    follows the rankings, not a bias of the trainer (a learner that only lengthened, or only
+    shortened, answers fails one of the two)."""
+    torch.set_num_threads(1)
+    url = redis_server.db_url(8)
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    cfg = LearnerConfig(model=str(tiny_model_dir), device="cpu", threads=1, redis_url=url,
+                        data_dir=str(tmp_path / "data"), adapter_store=str(tmp_path / "store"),
+                        progress_bars=False)
+    eff = EfficacyConfig(**DEFAULTS_EFF, preference=preference)
+
+    curve = run_efficacy(eff, cfg, load_model(cfg.model, device="cpu"))
+
+    start, end = curve[0], curve[-1]
+    summary = [(p["iteration"], p["win_rate"], p["words"], p["kl"], p["empty"]) for p in curve]
+    assert abs(start["win_rate"] - 0.5) < WIN_MARGIN, summary
+    assert end["win_rate"] > start["win_rate"] + WIN_MARGIN, summary
+    assert direction * (end["words"] - start["words"]) > 1.0, summary  # >= 1 word per answer
+    assert end["empty"] < 0.05, summary  # moved by answering, not by going silent

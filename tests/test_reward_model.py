@@ -75,14 +75,14 @@ def test_each_completion_is_forwarded_once(tiny_model_dir: Path):
     rows: list[int] = []
     rm.trunk.register_forward_pre_hook(
         lambda _m, _a, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
-    train_reward_model(rm, tok, [k4], RMConfig(batch=1))
+    train_reward_model(rm, tok, [k4], RMConfig(batch=1, epochs=1))
     assert rows == [4]  # one forward, K = 4 rows: not 2 * C(4, 2) = 12
     # The pairwise form of the same ranking (what shuffled-pair trainers do) needs 12.
     pairs = [_comparison(f"cmp-pair-{i:06d}", "a", task.prompt, [(a.text, 1), (b.text, 2)])
              for i, (a, b) in enumerate((a, b) for j, a in enumerate(k4.candidates)
                                         for b in k4.candidates[j + 1:])]
     rows.clear()
-    train_reward_model(rm, tok, pairs, RMConfig(batch=len(pairs)))
+    train_reward_model(rm, tok, pairs, RMConfig(batch=len(pairs), epochs=1))
     assert sum(rows) == 12  # in micro-batches of 4 pairs: [8, 4]
 
 
@@ -129,7 +129,7 @@ def test_learns_a_clear_preference_on_heldout_labelers(tiny_model_dir: Path):
     rm, tok = _rm(tiny_model_dir)
     train, heldout, info = split_by_labeler(polite_vs_rude(250, 7), 0.2, seed=0)
     assert info["split"] == "labeler" and len(heldout) == 50
-    cfg = RMConfig(lr=3e-3, batch=8, max_length=128, seed=0)
+    cfg = RMConfig(lr=3e-3, epochs=1, batch=8, max_length=128, seed=0)
     before = evaluate_rm(rm, tok, heldout, cfg)
     metrics = train_reward_model(rm, tok, train, cfg)
     after = evaluate_rm(rm, tok, heldout, cfg)

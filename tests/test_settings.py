@@ -38,6 +38,74 @@ def test_secrets_are_masked_in_logs():
     assert "s3cret" not in repr(settings.describe(config))
 
 
+def _config_class(command: str) -> type:
+    from learner.config import LearnerConfig
+    from rlhf.up_config import UpConfig
+    from ui.config import UIConfig
+
+    return {"serve": ServingConfig, "learn": LearnerConfig, "ui": UIConfig,
+            "up": UpConfig}[command]
+
+
+def _build(command: str, argv: list[str]):
+    """Each process's flags as its CLI resolves them (the CLI turns the ValueError into a
+    usage error, exit 2: test_grpc_port_70000_does_not_listen_on_4464)."""
+    cls = _config_class(command)
+    parser = argparse.ArgumentParser()
+    settings.add_arguments(parser, cls)
+    return settings.build(cls, parser.parse_args(argv), "RLHF_TEST_", {})
+
+
+@pytest.mark.parametrize(("command", "flag", "field", "value"), [
+    ("serve", "--http-port", "http_port", "-2"), ("learn", "--port", "port", "65536"),
+    ("ui", "--port", "port", "-1"), ("up", "--grpc-port", "grpc_port", "70000"),
+    ("up", "--redis-port", "redis_port", "99999"), ("up", "--ui-port", "ui_port", "-5"),
+])
+def test_out_of_range_ports_are_refused_with_the_field_named(command, flag, field, value):
+    with pytest.raises(ValueError, match=f"{field}: must be between"):
+        _build(command, [flag, value])
+
+
+@pytest.mark.parametrize(("command", "flag", "value", "says"), [
+    ("serve", "--redis-url", "redis://127.0.0.1:70000/0", "redis_url: Port out of range"),
+    ("learn", "--redis-url", "redis://127.0.0.1:99999/0", "redis_url: Port out of range"),
+    ("ui", "--policy-target", "127.0.0.1:70000", "policy_target: the port must be in"),
+    ("ui", "--learner-url", "http://127.0.0.1:65536", "learner_url: Port out of range"),
+    ("up", "--redis-url", "redis://h:123456", "redis_url: Port out of range"),
+])
+def test_ports_inside_addresses_are_checked_too(command, flag, value, says):
+    with pytest.raises(ValueError) as err:
+        _build(command, [flag, value])
+    assert says in str(err.value)
+    if "redis" in flag:
+        assert value not in str(err.value)  # a Redis URL may hold a password: not echoed
+
+
+def test_grpc_port_70000_does_not_listen_on_4464():
+    """The red team's case, as a real process: it exits at once with the reason."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "rlhf.cli", "serve", "--grpc-port", "70000"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "grpc_port: must be between 0 and 65535, got 70000" in done.stderr
+
+
+def test_every_port_setting_of_every_process_is_bounded():
+    import dataclasses
+
+    from learner.config import LearnerConfig
+    from rlhf.up_config import UpConfig
+    from ui.config import UIConfig
+
+    for cls in (ServingConfig, LearnerConfig, UIConfig, UpConfig):
+        for f in dataclasses.fields(cls):
+            if f.name == "port" or f.name.endswith("_port"):
+                low, high = f.metadata["bounds"]
+                assert low in (0, -1) and high == 65535, (cls.__name__, f.name)
+
+
 def test_nested_configs_are_flags_and_variables_with_one_default_each():
     from learner.config import ENV_PREFIX, LearnerConfig
     from learner.ppo import PPOConfig
@@ -62,3 +130,13 @@ def test_nested_configs_are_flags_and_variables_with_one_default_each():
     with pytest.raises(ValueError, match="unknown LearnerConfig settings \\['rm_speed'\\]"):
         settings.from_flat(LearnerConfig, {"rm_speed": 1})
     assert settings.from_flat(LearnerConfig, {"ppo_lr": "0.25", "seed": 4}).ppo.seed == 4
+
+
+@pytest.mark.parametrize("command", ["serve", "learn", "ui", "up"])
+def test_every_command_prints_its_help(command: str, capsys):
+    """Help texts may hold '%' ("cosine to 10%"): argparse must print them, not crash."""
+    from rlhf import cli
+
+    with pytest.raises(SystemExit) as done:
+        cli.main([command, "--help"])
+    assert done.value.code == 0 and "--" in capsys.readouterr().out

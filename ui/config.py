@@ -14,12 +14,13 @@ def _f(default, help: str, **meta):
 class UIConfig:
     """Everything `rlhf ui` needs; CLI flags and RLHF_UI_* env vars override defaults."""
 
-    policy_target: str = _f("127.0.0.1:50051", "gRPC address of `rlhf serve` (host:port)")
+    policy_target: str = _f("127.0.0.1:50051", "gRPC address of `rlhf serve` (host:port)",
+                           address="host:port")
     auth_token: str = _f("", "bearer token for serving: its --ui-token, so the logged-in "
                          "labeler is believed (serving's shared --auth-token cannot submit "
                          "rankings); empty = none", secret=True)
     host: str = _f("127.0.0.1", "interface the UI binds to")
-    port: int = _f(7860, "HTTP port of the UI")
+    port: int = _f(7860, "HTTP port of the UI", bounds=(0, 65535))
     k: int = _f(4, "alternatives per turn the labeler ranks (2..9)")
     max_new_tokens: int = _f(128, "tokens per alternative")
     min_new_tokens: int = _f(1, "tokens each alternative has at least (no empty answers)")
@@ -29,7 +30,7 @@ class UIConfig:
                     secret=True)
     rpc_timeout_s: float = _f(120.0, "deadline of each call to serving, seconds")
     learner_url: str = _f("http://127.0.0.1:8100", "admin API of `rlhf learn` that the "
-                          "Dashboard tab reads")
+                          "Dashboard tab reads", address="url")
     learner_token: str = _f("", "bearer token of the learner's admin API; empty = none",
                             secret=True)
     operators: str = _f("", "labeler ids allowed to trigger iterations from the Dashboard: "
@@ -45,8 +46,9 @@ class UIConfig:
             problems.append("max_new_tokens must be >= 1")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             problems.append("min_new_tokens must be in 0..max_new_tokens")
-        if self.temperature < 0:
-            problems.append("temperature must be >= 0")
+        if not (self.temperature == 0 or 0.01 <= self.temperature <= 100):
+            problems.append("temperature must be 0 (greedy) or in 0.01..100 (as serving "
+                            "demands)")
         if not 0 < self.top_p <= 1:
             problems.append("top_p must be in (0, 1]")
         if self.rpc_timeout_s <= 0:
