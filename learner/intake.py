@@ -1,6 +1,6 @@
 """Intake: the comparison stream -> the durable dataset, through the "learner" consumer group.
 
-Each batch goes through the same three steps, in this order (DESIGN.md section 5):
+Each batch goes through the same three steps, in this order (docs/design.md §5):
 
 1. read: first this group's pending entries, claimed again (XAUTOCLAIM, min-idle 0) because
    a learner that crashed left them delivered but unacknowledged; then new ones

@@ -5,7 +5,7 @@ Wire-neutral like ``PolicyService``: the gRPC servicer and the HTTP route both h
 and translate ``ServiceError`` codes. Every rule about a valid record is in
 ``rlhf.contract`` (shared with `rlhf data import` and the learner's intake); the versions a
 candidate may cite come from the adapter registry (``RegisteredVersions``).
-A ranking is acknowledged only after Redis accepted it (DESIGN.md §5); the Redis layout
+A ranking is acknowledged only after Redis accepted it (docs/design.md §5); the Redis layout
 (stream fields, the id index, the consumer group) is written down in
 ``proto/rlhf/v1/feedback.proto`` and coded once in ``rlhf.comparisons``.
 """
