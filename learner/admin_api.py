@@ -12,7 +12,12 @@
 - ``POST /v1/adapters/{v}/promote`` (or ``/rollback``)  make it current on every replica
 
 Iterations run in one worker thread (``Runner``), so the API answers while one trains.
-With a token configured every route wants ``Authorization: Bearer <token>`` (else 401).
+With a token configured every route wants ``Authorization: Bearer <token>`` (else 401),
+the OpenAPI document ``GET /openapi.json`` included; nothing is public. There is no
+``/docs`` page (a browser could not send the token, and it would need a CDN). The OpenAPI
+document lists the codes each route really answers: 400 for a bad query value, 401, 404
+for an unknown iteration or version, 409 (an iteration already runs, a version fails
+verification), 503 while Redis is unreachable; every error body is ``{"detail": "..."}``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any
 import redis
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 
+from learner.admin_errors import CONFLICT, NOT_FOUND, install_errors_and_openapi
 from learner.dashboard import Dashboard
 from learner.iteration import Learner, Progress
 from rlhf import adapter_store
@@ -130,9 +136,11 @@ def _auth(token: str):
 
 
 def create_app(runner: Runner, admin_token: str = "") -> FastAPI:
-    app = FastAPI(title="rlhf learner admin", dependencies=[Depends(_auth(admin_token))])
+    app = FastAPI(title="rlhf learner admin", dependencies=[Depends(_auth(admin_token))],
+                  openapi_url=None, docs_url=None, redoc_url=None)
+    install_errors_and_openapi(app, bool(admin_token))
 
-    @app.post("/v1/iterations", status_code=202)
+    @app.post("/v1/iterations", status_code=202, responses=CONFLICT)
     def trigger() -> dict[str, Any]:
         try:
             progress = runner.trigger()
@@ -140,7 +148,7 @@ def create_app(runner: Runner, admin_token: str = "") -> FastAPI:
             raise HTTPException(409, str(exc)) from None
         return {"id": progress.id, "status": progress.status}
 
-    @app.get("/v1/iterations/{iteration_id}")
+    @app.get("/v1/iterations/{iteration_id}", responses=NOT_FOUND)
     def get_iteration(iteration_id: str) -> dict[str, Any]:
         found = runner.get(iteration_id)
         if found is None:
@@ -183,7 +191,7 @@ def _adapter_routes(app: FastAPI, learner: Learner) -> None:
                          "created_at": m.created_at if m else None})
         return {"current": now, "versions": rows}
 
-    @app.get("/v1/adapters/{version}")
+    @app.get("/v1/adapters/{version}", responses=NOT_FOUND)
     def adapter(version: str) -> dict[str, Any]:
         manifest = adapter_store.get_manifest(client, version)
         if manifest is None:
@@ -199,5 +207,5 @@ def _adapter_routes(app: FastAPI, learner: Learner) -> None:
             raise HTTPException(409, f"refusing {version}: {exc}") from None
         return {"current": version, "previous": previous}
 
-    app.post("/v1/adapters/{version}/promote")(switch)
-    app.post("/v1/adapters/{version}/rollback")(switch)
+    app.post("/v1/adapters/{version}/promote", responses={**NOT_FOUND, **CONFLICT})(switch)
+    app.post("/v1/adapters/{version}/rollback", responses={**NOT_FOUND, **CONFLICT})(switch)

@@ -1,4 +1,4 @@
-"""KL-shaped per-token rewards and GAE for LoRA-PPO (DESIGN.md §3).
+"""KL-shaped per-token rewards and GAE for LoRA-PPO (docs/design.md §3).
 
 Shapes: B rows (episodes), T response positions, right-padded; ``mask`` [B, T] is 1 on the
 response tokens. Only torch is imported here (tests/test_contracts.py).

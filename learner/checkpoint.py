@@ -1,4 +1,4 @@
-"""What a restarted learner needs to continue the same policy (DESIGN.md §5), and the startup
+"""What a restarted learner needs to continue the same policy (docs/design.md §5), and the startup
 sweep of files a killed learner can leave behind.
 
 Layout: ``DATA/checkpoint/<sequence>-<version>/`` holds ``state.pt`` (policy LoRA tensors by
@@ -217,7 +217,7 @@ def register_if_missing(client: redis.Redis, store: str | Path, version: str,
 def sweep_store(store: Path, registered: set[str]) -> list[str]:
     """Remove an adapter store's leftovers of a killed publish: ``.tmp-*`` folders and
     version folders with no manifest that the registry does not list (a manifest-less
-    folder is incomplete by the store's contract: DESIGN.md §4). Complete versions, even
+    folder is incomplete by the store's contract: docs/design.md §4). Complete versions, even
     unregistered ones, stay."""
     if not store.is_dir():
         return []

@@ -1,4 +1,4 @@
-"""LearnerConfig: the one frozen configuration of a learner process (DESIGN.md §7).
+"""LearnerConfig: the one frozen configuration of a learner process (docs/design.md §7).
 
 The reward-model and PPO loops' own configs nest inside it (``cfg.rm``, ``cfg.ppo``), so
 every knob is defined once, where it is used, and is still a flag and a variable through

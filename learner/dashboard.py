@@ -28,7 +28,7 @@ from learner.dataset import ComparisonDataset
 from rlhf import adapter_store
 from rlhf.comparisons import GROUP, STREAM
 
-# The per-iteration curves (DESIGN.md §3 "log per iteration"), plus every key naming a gold
+# The per-iteration curves (docs/design.md §3 "log per iteration"), plus every key naming a gold
 # (simulated-labeler) metric.
 CURVE_METRICS = ("rm/accuracy", "ppo/reward", "ppo/score", "ppo/kl", "ppo/kl_k3",
                  "eval/win_rate", "eval/kl", "ptx/loss_before", "ptx/loss_after",

@@ -1,11 +1,13 @@
 """Intake: the comparison stream -> the durable dataset, through the "learner" consumer group.
 
-Each batch goes through the same three steps, in this order (DESIGN.md section 5):
+Each batch goes through the same three steps, in this order (docs/design.md §5):
 
 1. read: first this group's pending entries, claimed again (XAUTOCLAIM, min-idle 0) because
    a learner that crashed left them delivered but unacknowledged; then new ones
    (XREADGROUP ">").
-2. store: decode each entry; append the good records to the dataset, which fsyncs before it
+2. store: decode each entry and check it against the Comparison contract (rlhf.contract,
+   the same rules the Feedback service and `rlhf data import` apply; sizes excepted, which
+   the door enforced); append the good records to the dataset, which fsyncs before it
    returns and drops ids it already holds (a record re-delivered after a crash, or XADDed
    twice, is stored once).
 3. acknowledge: in one MULTI/EXEC, XADD each malformed entry (with its reason) to the
@@ -37,6 +39,7 @@ from google.protobuf.message import DecodeError
 
 from learner.dataset import SEGMENT_BYTES, ComparisonDataset
 from rlhf.comparisons import DEAD_LETTER, GROUP, SCHEMA, STREAM, decode_entry
+from rlhf.contract import STRUCTURE_ONLY, InvalidComparison, validate_comparison
 from rlhf.v1.feedback_pb2 import Comparison
 
 log = logging.getLogger(__name__)
@@ -81,12 +84,10 @@ def parse_entry(fields: dict[bytes, bytes]) -> Comparison:
         raise Malformed("record has no id")
     if entry_id != record.id.encode():
         raise Malformed(f"entry field id {entry_id[:64]!r} differs from the record's id")
-    if not record.labeler_id:
-        raise Malformed("record has no labeler_id")
-    if not record.messages:
-        raise Malformed("record has no messages")
-    if len(record.candidates) < 2:
-        raise Malformed(f"record has {len(record.candidates)} candidates, needs at least 2")
+    try:  # the one contract every door applies; sizes were the door's to enforce
+        validate_comparison(record, None, STRUCTURE_ONLY)
+    except InvalidComparison as exc:
+        raise Malformed(f"record breaks the Comparison contract: {exc}") from None
     return record
 
 

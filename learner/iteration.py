@@ -1,4 +1,4 @@
-"""One learner iteration as six named phases (DESIGN.md §1, §3, §4):
+"""One learner iteration as six named phases (docs/design.md §1, §3, §4):
 
 1. drain      the comparisons stream -> the durable dataset (Intake)
 2. reward     retrain the RM on ALL comparisons so far (split by labeler, held-out accuracy,
@@ -12,7 +12,7 @@
 
 ``Learner`` holds what lives for the whole process: the one base model (loaded once), the
 dataset, the RM and the PPO state, so the policy adapter carries over between iterations.
-Across restarts (DESIGN.md §5): publish saves a checkpoint (learner/checkpoint.py: policy
+Across restarts (docs/design.md §5): publish saves a checkpoint (learner/checkpoint.py: policy
 LoRA, value head, Adam, KL controller, PPO step) before registering the version, and a new
 ``Learner`` continues from it with parent = that version; the reference stays the base with
 adapters off. Records left "running" by a killed process become "interrupted"; such an

@@ -1,4 +1,4 @@
-"""KL coefficient (beta) controllers for the per-token KL penalty (DESIGN.md §3).
+"""KL coefficient (beta) controllers for the per-token KL penalty (docs/design.md §3).
 
 Both expose ``.value`` (the beta to use now) and ``.update(current_kl, n_steps)``, called
 once per PPO batch with the batch's mean per-sequence KL and its number of episodes.

@@ -1,4 +1,4 @@
-"""Pure loss functions for the reward model and LoRA-PPO (DESIGN.md §3).
+"""Pure loss functions for the reward model and LoRA-PPO (docs/design.md §3).
 
 Tensors in, ``(loss, stats)`` out. ``loss`` is a 0-d tensor carrying the graph; ``stats``
 values are detached 0-d tensors (call ``.item()`` when logging, so the hot path does not
@@ -43,7 +43,7 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
                   moments: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Whiten ``x`` [B, T] with the mean/std of its valid (response) positions only.
 
-    Used on PPO advantages (DESIGN §3): padded positions neither enter the statistics nor
+    Used on PPO advantages (docs/design.md §3): padded positions neither enter the statistics nor
     keep a value (they come back as 0). ``shift_mean=False`` rescales but keeps the mean,
     as for rewards in TRL. ``moments``: a precomputed (mean, population variance) to use
     instead, e.g. over the whole batch when each data-parallel rank holds a slice of it.

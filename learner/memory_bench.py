@@ -1,6 +1,6 @@
 """Learner memory bench: ``python -m learner.memory_bench`` prints JSON.
 
-The claim (DESIGN.md §3): policy, reference, reward model and value function share ONE frozen
+The claim (docs/design.md §3): policy, reference, reward model and value function share ONE frozen
 base in memory (LoRA adapters + small heads on top), so an iteration's peak stays a small
 multiple of the base model's weight bytes; TRL's PPO holds four full models (policy,
 reference, reward, value) plus a full optimizer state for the value model (trl#1833).

@@ -1,4 +1,4 @@
-"""LoRA-PPO on one shared base (DESIGN.md §3; InstructGPT, Ouyang et al. 2022 §3.5).
+"""LoRA-PPO on one shared base (docs/design.md §3; InstructGPT, Ouyang et al. 2022 §3.5).
 
 One base in memory: the policy is the frozen base + a trainable "policy" LoRA added beside "rm"
 on the same PeftModel; the reference is the base with adapters disabled, or a frozen adapter
@@ -45,7 +45,7 @@ Scorer = Callable[[Sequence[str], Sequence[str]], Tensor]
 
 @dataclass(frozen=True)
 class PPOConfig:
-    """LoRA-PPO hyper-parameters; one per learner process (DESIGN §7)."""
+    """LoRA-PPO hyper-parameters; one per learner process (docs/design.md §7)."""
 
     lr: float = _f(2e-3, "Adam learning rate of the policy LoRA and the value head (1e-4 "
                    "moved no preference in 3 iterations; 2e-3 moved every one tried: "

@@ -1,4 +1,4 @@
-"""Reward model: the shared frozen base + an "rm" LoRA adapter + a scalar head (DESIGN.md §3).
+"""Reward model: the shared frozen base + an "rm" LoRA adapter + a scalar head (docs/design.md §3).
 
 InstructGPT (Ouyang et al. 2022 §3.5): a labeler ranks K completions of one prompt; the loss
 is the mean over its C(K,2) untied pairs of -log σ(r_w - r_l), with all pairs of a prompt in
@@ -42,7 +42,7 @@ StepCallback = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class RMConfig:
-    """Reward-model training; one per learner process (DESIGN §7)."""
+    """Reward-model training; one per learner process (docs/design.md §7)."""
 
     lr: float = _f(3e-3, "peak AdamW learning rate of the rm LoRA + head (cosine to 10%); "
                    "with 3 epochs the RM reaches 0.8-0.9 held-out accuracy on 64-192 "

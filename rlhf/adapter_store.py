@@ -1,6 +1,6 @@
 """The adapter store and its Redis registry, shared by the learner's publisher and serving.
 
-Store layout (DESIGN.md §4): ``STORE/<version>/`` holds a PEFT adapter
+Store layout (docs/design.md §4): ``STORE/<version>/`` holds a PEFT adapter
 (``adapter_config.json`` + ``adapter_model.safetensors``) and ``manifest.json``, written
 last, so a directory without a manifest is incomplete. Versions are immutable.
 

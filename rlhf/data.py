@@ -32,7 +32,15 @@ from typing import IO
 import redis
 from google.protobuf import json_format
 
+from rlhf import adapter_store
 from rlhf.comparisons import append_many, decode_entry, read_entries
+from rlhf.contract import (
+    BASE,
+    InvalidComparison,
+    check_labeler_id,
+    check_version_name,
+    validate_comparison,
+)
 from rlhf.v1 import feedback_pb2 as fb
 from rlhf.v1 import policy_pb2 as pb
 
@@ -41,7 +49,6 @@ log = logging.getLogger(__name__)
 TURN_RE = re.compile(r"\n\n(Human|Assistant):")
 ROLES = {"Human": "user", "Assistant": "assistant"}
 SPEAKERS = {role: name for name, role in ROLES.items()}
-MAX_CHARS = 32768  # serving's default --max-feedback-chars: imported records obey it too
 MAX_REPORTED = 100  # malformed lines listed in the summary (all are counted)
 BATCH = 256  # records per pipelined round trip
 
@@ -81,16 +88,11 @@ def split_pair(chosen: str, rejected: str) -> tuple[list[tuple[str, str]], str, 
             raise Malformed(f"{name} does not end with an Assistant turn")
         if not turns[-1][1].strip():
             raise Malformed(f"the {name} answer is empty")
-        if len(turns[-1][1]) > MAX_CHARS:
-            raise Malformed(f"the {name} answer is longer than {MAX_CHARS} characters")
     prefix = win[:-1]
     if prefix != lose[:-1]:
         raise Malformed("chosen and rejected differ before their last Assistant turn")
     if not prefix:
         raise Malformed("no conversation before the answers")
-    for i, (_, content) in enumerate(prefix):
-        if not content.strip() or len(content) > MAX_CHARS:
-            raise Malformed(f"message {i} is empty or longer than {MAX_CHARS} characters")
     return prefix, win[-1][1], lose[-1][1]
 
 
@@ -101,7 +103,8 @@ def comparison_id(chosen: str, rejected: str) -> str:
 
 
 def pair_record(line: str, labeler_id: str, adapter_version: str) -> fb.Comparison:
-    """One JSONL line -> a K = 2 Comparison (candidate 0 = chosen, rank 1, shown first)."""
+    """One JSONL line -> a K = 2 Comparison (candidate 0 = chosen, rank 1, shown first),
+    checked against the Comparison contract (the Feedback service's rules and limits)."""
     try:
         data = json.loads(line)
     except ValueError as exc:
@@ -116,6 +119,13 @@ def pair_record(line: str, labeler_id: str, adapter_version: str) -> fb.Comparis
     for rank, text in enumerate((win, lose), start=1):
         record.candidates.add(text=text, adapter_version=adapter_version, position=rank - 1,
                               rank=rank)
+    record.labeler_auth = fb.LABELER_AUTH_IMPORT
+    try:
+        # Imported pairs come from outside: their version is a provenance label the
+        # operator chose (checked as a name; main() warns when it is not registered).
+        validate_comparison(record)
+    except InvalidComparison as exc:
+        raise Malformed(str(exc)) from None
     return record
 
 
@@ -238,8 +248,18 @@ def import_file(client: redis.Redis, path: str, labeler_id: str = "imported",
 
 
 def _labeler(value: str) -> str:
-    if not value.strip() or len(value) > 128 or not value.isprintable():
-        raise argparse.ArgumentTypeError("must be 1..128 printable characters")
+    try:
+        check_labeler_id(value)
+    except InvalidComparison as exc:
+        raise argparse.ArgumentTypeError(exc.detail) from None
+    return value
+
+
+def _version(value: str) -> str:
+    try:
+        check_version_name("--adapter-version", value)
+    except InvalidComparison as exc:
+        raise argparse.ArgumentTypeError(exc.detail) from None
     return value
 
 
@@ -254,7 +274,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     imp.add_argument("--redis-url", required=True)
     imp.add_argument("--in", dest="path", required=True, help="JSONL file (.gz: compressed)")
     imp.add_argument("--labeler-id", type=_labeler, default="imported")
-    imp.add_argument("--adapter-version", type=_labeler, default="base")
+    imp.add_argument("--adapter-version", type=_version, default="base")
     imp.add_argument("--limit", type=int, default=0, help="read only the first N lines")
     return p.parse_args(list(argv))
 
@@ -270,6 +290,10 @@ def main(argv: Sequence[str]) -> int:
             if not Path(args.path).is_file():
                 log.error("no such file: %s", args.path)
                 return 2
+            registered = {BASE, *adapter_store.list_versions(client)}
+            if args.adapter_version not in registered:
+                log.warning("--adapter-version %s is not a registered adapter version; the "
+                            "imported pairs carry it as a label only", args.adapter_version)
             result = import_file(client, args.path, args.labeler_id, args.adapter_version,
                                  args.limit)
             summary = {"in": args.path, **vars(result)}

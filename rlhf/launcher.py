@@ -10,10 +10,14 @@ JSON ``ready`` line on stdout) and run until SIGINT/SIGTERM or until a part dies
 (6) Stop in reverse order: SIGTERM, wait, SIGKILL after ``--stop-timeout-s``.
 
 Each part runs as ``python -m rlhf.cli <cmd>`` (rlhf.procs) with its output prefixed
-(``serve | ...``). Settings: flag > ``RLHF_UP_*`` env var > ``--config`` TOML file > default;
-the file's ``[serve]``, ``[learn]`` and ``[ui]`` tables add any flag of that command
-(``[learn] ppo_steps = 2``), and ``RLHF_SERVE_*``/``RLHF_LEARN_*``/``RLHF_UI_*`` variables
-reach the children unchanged. Exit code 0 after a requested stop, 1 when a part failed.
+(``serve | ...``). Serving binds rankings to labelers: the UI gets a service token
+(``--ui-token``, random per start unless given, also written to ``DATA_DIR/ui-token`` for
+`rlhf simulate`) and forwards its logged-in user; other programs need per-labeler tokens
+(``[serve] labeler_tokens = "FILE"``). Settings: flag > ``RLHF_UP_*`` env var >
+``--config`` TOML file > default; the file's ``[serve]``, ``[learn]`` and ``[ui]`` tables
+add any flag of that command (``[learn] ppo_steps = 2``), and ``RLHF_SERVE_*``,
+``RLHF_LEARN_*``, ``RLHF_UI_*`` variables reach the children unchanged. Exit code 0 after
+a requested stop, 1 when a part failed.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import json
 import logging
 import os
 import queue
+import secrets
 import signal
 import socket
 import sys
@@ -114,6 +119,10 @@ class Launcher:
         self.operator_token = config.operator_token or os.environ.get(
             "RLHF_LEARN_ADMIN_TOKEN", "")
         self.auth_token = config.auth_token or os.environ.get("RLHF_SERVE_AUTH_TOKEN", "")
+        # The UI (and `rlhf simulate`) submit rankings through this token, naming the
+        # labeler; serving believes that name from no other credential.
+        self.ui_token = (config.ui_token or os.environ.get("RLHF_SERVE_UI_TOKEN")
+                         or secrets.token_urlsafe(32))
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -163,6 +172,17 @@ class Launcher:
         return self.seen.get(name, {}).get(kind)
 
     # -- phases -----------------------------------------------------------------------------
+    def write_ui_token(self) -> Path:
+        """DATA_DIR/ui-token (owner-only), so local tools such as `rlhf simulate` can rank
+        through the UI's credential."""
+        self.data.mkdir(parents=True, exist_ok=True)
+        path = self.data / "ui-token"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.ui_token + "\n")
+        os.chmod(path, 0o600)  # an older file keeps its mode through O_TRUNC
+        return path
+
     def phase_redis(self) -> str:
         """A private redis-server unless --redis-url; returns the URL once it answers."""
         c = self.config
@@ -202,7 +222,8 @@ class Launcher:
             "serve", "--model", c.model, "--host", c.host, "--grpc-port", str(c.grpc_port),
             "--http-port", str(c.http_port), "--adapter-store", store, *common,
             *self.extras["serve"]),
-            env={"RLHF_SERVE_REDIS_URL": redis_url, "RLHF_SERVE_AUTH_TOKEN": self.auth_token})
+            env={"RLHF_SERVE_REDIS_URL": redis_url, "RLHF_SERVE_AUTH_TOKEN": self.auth_token,
+                 "RLHF_SERVE_UI_TOKEN": self.ui_token})
         self.start("learn", rlhf_cmd(
             "learn", "--model", c.model, "--host", c.host, "--port", str(c.learner_port),
             "--data-dir", str(self.data / "learner"), "--adapter-store", store, *common,
@@ -223,7 +244,7 @@ class Launcher:
         self.start("ui", rlhf_cmd(
             "ui", "--policy-target", self.grpc_target, "--host", c.host,
             "--port", str(self.ui_port), "--k", str(c.k), *self.extras["ui"]),
-            env={"RLHF_UI_USERS": self.users, "RLHF_UI_AUTH_TOKEN": self.auth_token,
+            env={"RLHF_UI_USERS": self.users, "RLHF_UI_AUTH_TOKEN": self.ui_token,
                  # the UI's Dashboard talks to the learner's admin API
                  "RLHF_UI_LEARNER_URL": self.learner_url,
                  "RLHF_UI_LEARNER_TOKEN": self.operator_token,
@@ -261,6 +282,8 @@ class Launcher:
                 f"OpenAI HTTP    {summary['http']}",
                 f"learner API    {summary['learner']}  (rlhf learner trigger --url "
                 f"{summary['learner']}{token})",
+                f"simulate       rlhf simulate --target {summary['grpc']} --token-file "
+                f"{self.data / 'ui-token'}",
                 f"redis          {summary['redis']}",
                 f"data           {summary['data_dir']}", "Ctrl-C stops everything."):
             log.info("%s", line)
@@ -275,6 +298,7 @@ class Launcher:
 
     def run(self) -> int:
         try:
+            self.write_ui_token()
             redis_url = self.phase_redis()
             self.phase_build()
             self.phase_serve_and_learn(redis_url)

@@ -46,8 +46,12 @@ class UpConfig:
                     "$RLHF_UI_USERS, else demo:demo", secret=True)
     operator_token: str = _f("", "bearer token of the learner's admin API (the UI's Dashboard "
                              "sends it); empty = $RLHF_LEARN_ADMIN_TOKEN, else none", secret=True)
-    auth_token: str = _f("", "bearer token serving demands (the UI sends it); empty = "
-                         "$RLHF_SERVE_AUTH_TOKEN, else none", secret=True)
+    auth_token: str = _f("", "bearer token serving demands of programs (it cannot submit "
+                         "rankings); empty = $RLHF_SERVE_AUTH_TOKEN, else none", secret=True)
+    ui_token: str = _f("", "the ranking UI's service token for serving (serving believes the "
+                       "logged-in labeler only from it); written to DATA_DIR/ui-token for "
+                       "`rlhf simulate`; empty = $RLHF_SERVE_UI_TOKEN, else a fresh random "
+                       "one per start", secret=True)
     device: str = _f("auto", "cpu, cuda, cuda:N or auto, for serving and the learner")
     load_in_4bit: bool = _f(False, "load the base model in 4-bit (bitsandbytes; GPU)")
     k: int = _f(4, "alternatives per turn in the UI (2..9)")

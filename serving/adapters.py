@@ -22,13 +22,14 @@ from pathlib import Path
 import torch
 
 from rlhf.adapter_store import CONFIG_FILE, WEIGHTS_FILE, AdapterRejected, check_weights
+from rlhf.contract import is_version_name
 from serving.canary import canary_problem, greedy_probe
 
 log = logging.getLogger(__name__)
 
 BASE = "base"
 _PEFT_BASE = "__base__"
-VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_LORA_KEY_RE = re.compile(r"base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
 
 
 class UnknownAdapter(KeyError):
@@ -124,7 +125,7 @@ class AdapterManager:
         Raises AdapterRejected when the files do not parse or fit the model, the weights
         are not sane, PEFT refuses them or the canary fails; nothing stays loaded then.
         """
-        if not VERSION_RE.fullmatch(version) or version == BASE:
+        if not is_version_name(version) or version == BASE:
             raise ValueError(f"invalid adapter version name {version!r}")
         from peft import PeftModel
 
@@ -237,7 +238,7 @@ class AdapterManager:
 def _check_lora_tensor(key: str, shape: list[int],
                        linear_shapes: dict[str, tuple[int, int]]) -> None:
     """``base_model.model.<module>.lora_A.weight`` is [r, in]; ``lora_B`` is [out, r]."""
-    match = re.match(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
+    match = _LORA_KEY_RE.fullmatch(key)
     if match is None:
         return  # embeddings, biases, modules_to_save: PEFT itself checks those
     module, which = match.groups()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rlhf.contract import MAX_CHARS
 from rlhf.settings import port as _port
 from rlhf.settings import setting as _f
 
@@ -24,8 +25,15 @@ class ServingConfig:
     host: str = _f("127.0.0.1", "interface both servers bind to")
     grpc_port: int = _port(50051, "gRPC port (0 = pick a free one)")
     http_port: int = _port(8000, "OpenAI-compatible HTTP port (0 = pick a free one, -1 = off)",
-                          lowest=-1)
-    auth_token: str = _f("", "bearer token clients must send; empty = no auth", secret=True)
+                           lowest=-1)
+    auth_token: str = _f("", "bearer token clients must send; empty = no auth (it proves no "
+                         "labeler: rankings need --ui-token or --labeler-tokens)", secret=True)
+    ui_token: str = _f("", "service token of the ranking UI: it may name the logged-in labeler "
+                       "(x-rlhf-labeler) of the rankings it submits; also passes --auth-token's "
+                       "gate", secret=True)
+    labeler_tokens: str = _f("", "JSON file {labeler id: 'sha256:<hex of its token>'} of "
+                             "per-labeler API tokens (python -m serving.auth new-token ID); a "
+                             "ranking sent with one is that labeler's; also passes the gate")
     tls_cert: str = _f("", "PEM certificate chain file; with --tls-key turns on TLS for gRPC")
     tls_key: str = _f("", "PEM private key file for --tls-cert")
 
@@ -47,7 +55,7 @@ class ServingConfig:
                                 "its notifications)")
     keep_versions: int = _f(3, "adapter versions kept loaded; older ones are unloaded once no "
                             "request holds them")
-    max_feedback_chars: int = _f(32768, "longest text in a comparison record (each candidate, "
+    max_feedback_chars: int = _f(MAX_CHARS, "longest text in a comparison record (each candidate, "
                                  "message, comment, ideal answer)")
 
     def __post_init__(self) -> None:
@@ -64,6 +72,21 @@ class ServingConfig:
             problems.append("keep_versions must be >= 1")
         if not self.registry_poll_s > 0:
             problems.append("registry_poll_s must be > 0")
+        if self.labeler_tokens:
+            from serving.auth import hash_token, load_labeler_tokens  # the file's rules
+
+            try:
+                hashes = load_labeler_tokens(self.labeler_tokens)
+            except ValueError as exc:
+                problems.append(str(exc))
+                hashes = {}
+            for name, token in (("auth_token", self.auth_token), ("ui_token", self.ui_token)):
+                if token and hash_token(token) in hashes:
+                    problems.append(f"a labeler token equals --{name.replace('_', '-')}; "
+                                    "give each its own value")
+        if self.ui_token and self.ui_token == self.auth_token:
+            problems.append("ui_token must differ from auth_token (the shared token may not "
+                            "name labelers)")
         if bool(self.tls_cert) != bool(self.tls_key):
             problems.append("tls_cert and tls_key go together")
         if problems:

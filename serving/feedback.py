@@ -1,8 +1,11 @@
-"""Comparison records in: validation, and the idempotent append to the Redis stream.
+"""Comparison records in: the labeler binding, the contract check, the idempotent append.
 
 Wire-neutral like ``PolicyService``: the gRPC servicer and the HTTP route both hand a
-``rlhf.v1.Comparison`` to ``FeedbackService.submit`` and translate ``ServiceError`` codes.
-A ranking is acknowledged only after Redis accepted it (DESIGN.md §5); the Redis layout
+``rlhf.v1.Comparison`` and the caller's ``Claim`` (serving.auth) to ``FeedbackService.submit``
+and translate ``ServiceError`` codes. Every rule about a valid record is in
+``rlhf.contract`` (shared with `rlhf data import` and the learner's intake); the versions a
+candidate may cite come from the adapter registry (``RegisteredVersions``).
+A ranking is acknowledged only after Redis accepted it (docs/design.md §5); the Redis layout
 (stream fields, the id index, the consumer group) is written down in
 ``proto/rlhf/v1/feedback.proto`` and coded once in ``rlhf.comparisons``.
 """
@@ -10,42 +13,36 @@ A ranking is acknowledged only after Redis accepted it (DESIGN.md §5); the Redi
 from __future__ import annotations
 
 import logging
-import re
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from pathlib import Path
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError, ResponseError
 
+from rlhf import adapter_store
 from rlhf.comparisons import GROUP, ID_INDEX, STREAM, SUBMIT_LUA, parse_reply, submit_call
 from rlhf.comparisons import decode_entry as decode_entry  # re-exported for readers
 from rlhf.comparisons import encode_entry as encode_entry
-from rlhf.v1.feedback_pb2 import Candidate, Comparison, Flag
+from rlhf.contract import (
+    BASE,
+    DEFAULT_LIMITS,
+    InvalidComparison,
+    Limits,
+    check_candidate_versions,
+    validate_comparison,
+)
+from rlhf.v1.feedback_pb2 import Comparison
+from serving.auth import OPEN, Claim, bind_labeler
 from serving.config import ServingConfig
-from serving.service import ROLES, Code, PolicyService, ServiceError
+from serving.service import Code, ServiceError
 
 log = logging.getLogger(__name__)
 
-ID_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
-KNOWN_FLAGS = frozenset(v.number for v in Flag.DESCRIPTOR.values if v.number != 0)
 NOT_STORED = "the ranking was NOT stored; keep it and submit it again with the same id"
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What a valid record may hold."""
-
-    max_chars: int = 32768  # each text: candidate, message, comment, ideal answer
-    min_candidates: int = 2
-    max_candidates: int = 9
-    max_messages: int = 256
-    max_labeler_chars: int = 128
-
-
-DEFAULT_LIMITS = Limits()
 
 
 @dataclass(frozen=True)
@@ -55,113 +52,52 @@ class SubmitResult:
     stream_entry_id: str
 
 
-class InvalidComparison(ServiceError):
-    """INVALID_ARGUMENT naming the offending field (``candidates[2].rank``)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(Code.INVALID_ARGUMENT, f"{field} {message}")
-        self.field = field
+def limits_for(config: ServingConfig) -> Limits:
+    """The contract's limits with this server's own sizes (recorded sampling included)."""
+    return Limits(max_chars=config.max_feedback_chars, max_new_tokens=config.max_new_tokens,
+                  max_stop_sequences=config.max_stop_sequences)
 
 
-# -- validation (pure) -------------------------------------------------------------------
+def invalid_argument(exc: InvalidComparison) -> ServiceError:
+    return ServiceError(Code.INVALID_ARGUMENT, exc.message, field=exc.field)
 
 
-def validate_comparison(msg: Comparison, known_versions: Collection[str],
-                        limits: Limits = DEFAULT_LIMITS) -> None:
-    """Raise ``InvalidComparison`` for the first rule ``msg`` breaks; return None if valid."""
-    _check_id(msg.id)
-    _check_labeler(msg.labeler_id, limits)
-    _check_messages(msg, limits)
-    _check_candidates(msg.candidates, known_versions, limits)
-    _check_ranking(msg.candidates)
-    for name in ("comment", "ideal_answer"):
-        _check_size(name, getattr(msg, name), limits)
+# -- the versions a candidate may cite ---------------------------------------------------
 
 
-def _check_id(record_id: str) -> None:
-    if not record_id:
-        raise InvalidComparison("id", "is missing: make one per ranking on the client (8..64 "
-                                "characters of A-Z a-z 0-9 _ -) and reuse it on every retry")
-    if not ID_RE.match(record_id):
-        raise InvalidComparison("id", f"must be 8..64 characters of A-Z a-z 0-9 _ -, got "
-                                f"{record_id[:80]!r}")
+class RegisteredVersions:
+    """"base", every version the adapter registry lists (the same Redis as the stream) and
+    this process's own --adapter, less the versions this replica refused to serve.
 
+    Read from the registry, not from the loaded model, so rankings are accepted while the
+    model is still loading. Cached for ``ttl_s``; a version missing from a cache older
+    than ``recheck_s`` is looked up again at once (it may have been published just now).
+    """
 
-def _check_labeler(labeler_id: str, limits: Limits) -> None:
-    if not labeler_id.strip():
-        raise InvalidComparison("labeler_id", "is empty: say who ranked")
-    if len(labeler_id) > limits.max_labeler_chars or not labeler_id.isprintable():
-        raise InvalidComparison("labeler_id", f"must be printable and at most "
-                                f"{limits.max_labeler_chars} characters")
+    def __init__(self, client: aioredis.Redis, local: Collection[str] = (), ttl_s: float = 1.0,
+                 recheck_s: float = 0.05, clock: Callable[[], float] = time.monotonic) -> None:
+        self.client, self.local, self.ttl_s, self.recheck_s, self.clock = (
+            client, frozenset(local), ttl_s, recheck_s, clock)
+        self.refused: Callable[[], Collection[str]] = frozenset
+        self._cached: frozenset[str] | None = None
+        self._read_at = 0.0
 
-
-def _check_size(field: str, text: str, limits: Limits) -> None:
-    if len(text) > limits.max_chars:
-        raise InvalidComparison(field, f"is too long: {len(text)} characters, limit "
-                                f"{limits.max_chars}")
-
-
-def _check_messages(msg: Comparison, limits: Limits) -> None:
-    if not msg.messages:
-        raise InvalidComparison("messages", "is empty: send the conversation the candidates "
-                                "answer (at least the user's turn)")
-    if len(msg.messages) > limits.max_messages:
-        raise InvalidComparison("messages", f"has {len(msg.messages)} messages, limit "
-                                f"{limits.max_messages}")
-    for i, m in enumerate(msg.messages):
-        if m.role not in ROLES:
-            raise InvalidComparison(f"messages[{i}].role", f"must be one of "
-                                    f"{', '.join(ROLES)}, got {m.role[:40]!r}")
-        if not m.content.strip():
-            raise InvalidComparison(f"messages[{i}].content", "is empty")
-        _check_size(f"messages[{i}].content", m.content, limits)
-
-
-def _check_candidates(candidates: Sequence[Candidate], known_versions: Collection[str],
-                      limits: Limits) -> None:
-    k = len(candidates)
-    if not limits.min_candidates <= k <= limits.max_candidates:
-        raise InvalidComparison("candidates", f"must hold {limits.min_candidates}.."
-                                f"{limits.max_candidates} alternatives, got {k}")
-    for i, c in enumerate(candidates):
-        where = f"candidates[{i}]"
-        # A whitespace-only answer is a real (bad) answer the labeler may rank last; an
-        # empty string means the client lost the text.
-        if not c.text:
-            raise InvalidComparison(f"{where}.text", "is empty: send the text that was shown")
-        _check_size(f"{where}.text", c.text, limits)
-        if c.adapter_version not in known_versions:
-            shown = ", ".join(sorted(known_versions))
-            raise InvalidComparison(f"{where}.adapter_version", f"{c.adapter_version!r} is not "
-                                    f"a version this server knows (known: {shown}); send the "
-                                    "adapter_version the Generate stream reported")
-        _check_flags(where, c.flags)
-
-
-def _check_flags(where: str, flags: Sequence[int]) -> None:
-    seen: set[int] = set()
-    for j, flag in enumerate(flags):
-        if flag not in KNOWN_FLAGS:
-            names = ", ".join(Flag.Name(f) for f in sorted(KNOWN_FLAGS))
-            raise InvalidComparison(f"{where}.flags[{j}]", f"is not a known flag ({flag}); "
-                                    f"known: {names}")
-        if flag in seen:
-            raise InvalidComparison(f"{where}.flags[{j}]", f"repeats {Flag.Name(flag)}")
-        seen.add(flag)
-
-
-def _check_ranking(candidates: Sequence[Candidate]) -> None:
-    """Each rank in 1..K (1 = best, equal ranks = a tie); positions a permutation of 0..K-1."""
-    k = len(candidates)
-    for i, c in enumerate(candidates):
-        if not 1 <= c.rank <= k:
-            got = "it is missing" if c.rank == 0 else f"got {c.rank}"
-            raise InvalidComparison(f"candidates[{i}].rank", f"must be in 1..{k} (1 = best, "
-                                    f"equal ranks for a tie); {got}")
-    positions = sorted(c.position for c in candidates)
-    if positions != list(range(k)):
-        raise InvalidComparison("candidates.position", f"must give each candidate its own "
-                                f"displayed position 0..{k - 1}, got {positions}")
+    async def get(self, wanted: Collection[str] = ()) -> frozenset[str]:
+        age = self.clock() - self._read_at
+        stale = self._cached is None or age >= self.ttl_s or (
+            age >= self.recheck_s and not set(wanted) <= self._cached)
+        if stale:
+            try:
+                listed = await self.client.zrange(adapter_store.VERSIONS, 0, -1)
+            except RedisError as exc:
+                raise ServiceError(Code.UNAVAILABLE, f"the adapter registry (Redis) is "
+                                   f"unavailable ({type(exc).__name__}: {exc}), so adapter "
+                                   f"versions cannot be checked; {NOT_STORED}") from None
+            self._cached = frozenset({BASE, *self.local, *(
+                v.decode() if isinstance(v, bytes) else str(v) for v in listed)})
+            self._read_at = self.clock()
+        assert self._cached is not None
+        return self._cached - frozenset(self.refused())
 
 
 # -- storage -----------------------------------------------------------------------------
@@ -214,38 +150,32 @@ class ComparisonStore:
 
 
 class FeedbackService:
-    """Validate, stamp ``received_at``, store; every rule about a valid record lives here."""
+    """Bind the labeler, check the record against the contract, stamp it, store it."""
 
-    def __init__(self, store: ComparisonStore, known_versions: Callable[[], set[str]],
+    def __init__(self, store: ComparisonStore, versions: RegisteredVersions,
                  limits: Limits = DEFAULT_LIMITS, clock: Callable[[], float] = time.time) -> None:
-        self.store, self.known_versions, self.limits, self.clock = (
-            store, known_versions, limits, clock)
+        self.store, self.versions, self.limits, self.clock = store, versions, limits, clock
 
     @classmethod
-    def from_config(cls, config: ServingConfig, policy: PolicyService) -> FeedbackService:
-        return cls(ComparisonStore.from_url(config.redis_url), known_versions(policy),
-                   Limits(max_chars=config.max_feedback_chars))
+    def from_config(cls, config: ServingConfig) -> FeedbackService:
+        store = ComparisonStore.from_url(config.redis_url)
+        local = [config.adapter_version or Path(config.adapter).name] if config.adapter else []
+        return cls(store, RegisteredVersions(store.client, local), limits_for(config))
 
-    async def submit(self, comparison: Comparison) -> SubmitResult:
-        """Raises ServiceError: INVALID_ARGUMENT (nothing stored) or UNAVAILABLE (not stored)."""
-        validate_comparison(comparison, self.known_versions(), self.limits)
+    async def submit(self, comparison: Comparison, claim: Claim = OPEN) -> SubmitResult:
+        """Raises ServiceError: PERMISSION_DENIED / INVALID_ARGUMENT (nothing stored) or
+        UNAVAILABLE (not stored)."""
         record = Comparison()
         record.CopyFrom(comparison)
+        bind_labeler(record, claim)
+        try:
+            validate_comparison(record, None, self.limits)
+            versions = await self.versions.get({c.adapter_version for c in record.candidates})
+            check_candidate_versions(record.candidates, versions)
+        except InvalidComparison as exc:
+            raise invalid_argument(exc) from None
         record.received_at.FromMilliseconds(int(self.clock() * 1000))
         result = await self.store.submit(record)
         log.debug("comparison %s from %s: %s as %s", record.id, record.labeler_id,
                  "duplicate" if result.duplicate else "stored", result.stream_entry_id)
         return result
-
-
-def known_versions(policy: PolicyService) -> Callable[[], set[str]]:
-    """Versions loaded in this process plus every version the adapter registry lists, so a
-    ranking of a version unloaded after a hot-swap is still accepted."""
-
-    def known() -> set[str]:
-        if policy.adapters is None:
-            raise ServiceError(Code.UNAVAILABLE, "the model is still loading, so adapter "
-                               f"versions cannot be checked; {NOT_STORED}")
-        return policy.adapters.known()
-
-    return known

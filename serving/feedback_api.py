@@ -1,9 +1,13 @@
 """The Feedback service's two wire faces: the gRPC servicer and the HTTP route.
 
-Both only translate: wire -> ``rlhf.v1.Comparison`` -> ``FeedbackService.submit`` ->
-``SubmitResponse`` or a status code. The HTTP body is the Comparison in protobuf's canonical
-JSON mapping (parsed with ``json_format``), so there is one schema. Bearer auth comes from
-the surrounding server: the gRPC interceptor, and the HTTP app's guard on ``/v1``.
+Both only translate: wire -> ``rlhf.v1.Comparison`` + the caller's ``Claim`` ->
+``FeedbackService.submit`` -> ``SubmitResponse`` or a status code. The HTTP body is the
+Comparison in protobuf's canonical JSON mapping (parsed with ``json_format``), so there is
+one schema. The gate (may this caller call at all) is the surrounding server's: the gRPC
+interceptor, the HTTP app's guard on ``/v1``; which labeler the caller proves is
+``Credentials.claim`` (serving.auth), from the same ``authorization`` and
+``x-rlhf-labeler`` on both wires. The offending field of an INVALID_ARGUMENT travels as
+the gRPC trailing metadata ``rlhf-field`` and as the HTTP error's ``param``.
 """
 
 from __future__ import annotations
@@ -16,13 +20,16 @@ from fastapi.responses import JSONResponse
 from google.protobuf import json_format
 
 from rlhf.v1 import feedback_pb2, feedback_pb2_grpc
-from serving.feedback import FeedbackService, InvalidComparison, SubmitResult
+from serving.auth import LABELER_HEADER, Credentials
+from serving.feedback import FeedbackService, SubmitResult
 from serving.grpc_server import STATUS as GRPC_STATUS
+from serving.grpc_server import _metadata
 from serving.http_api import STATUS as HTTP_STATUS
 from serving.http_api import APIError
 from serving.service import Code, ServiceError
 
 ROUTE = "/v1/feedback/comparisons"
+FIELD_METADATA = "rlhf-field"
 
 
 def to_response(result: SubmitResult) -> feedback_pb2.SubmitResponse:
@@ -30,16 +37,42 @@ def to_response(result: SubmitResult) -> feedback_pb2.SubmitResponse:
                                        stream_entry_id=result.stream_entry_id)
 
 
+def forwarded_labeler(context: grpc.aio.ServicerContext) -> str | None:
+    """``x-rlhf-labeler`` (ASCII) or ``x-rlhf-labeler-bin`` (UTF-8: any name; gRPC text
+    metadata is ASCII only)."""
+    for k, v in context.invocation_metadata() or ():
+        if k == LABELER_HEADER + "-bin" and isinstance(v, bytes):
+            try:
+                return v.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ServiceError(Code.INVALID_ARGUMENT, f"{LABELER_HEADER}-bin is not "
+                                   "UTF-8", field="labeler_id") from None
+    return _metadata(context, LABELER_HEADER)
+
+
+def header_text(value: str | None) -> str | None:
+    """An HTTP header as the UTF-8 its bytes are (Starlette decodes them as latin-1)."""
+    if value is None:
+        return None
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return value
+
+
 class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
-    def __init__(self, feedback: FeedbackService) -> None:
-        self.feedback = feedback
+    def __init__(self, feedback: FeedbackService, credentials: Credentials) -> None:
+        self.feedback, self.credentials = feedback, credentials
 
     async def Submit(self, request: feedback_pb2.SubmitRequest,
                      context: grpc.aio.ServicerContext) -> feedback_pb2.SubmitResponse:
         try:
-            result = await self.feedback.submit(request.comparison)
+            claim = self.credentials.claim(_metadata(context, "authorization"),
+                                           forwarded_labeler(context))
+            result = await self.feedback.submit(request.comparison, claim)
         except ServiceError as exc:
-            await context.abort(GRPC_STATUS[exc.code], exc.message)
+            trailing = ((FIELD_METADATA, exc.field),) if exc.field else ()
+            await context.abort(GRPC_STATUS[exc.code], exc.message, trailing_metadata=trailing)
         return to_response(result)
 
 
@@ -58,29 +91,32 @@ def parse_comparison(body: bytes) -> feedback_pb2.Comparison:
                        code="invalid_json")
     try:
         return json_format.ParseDict(data, feedback_pb2.Comparison())
-    except json_format.ParseError as exc:
+    except (json_format.ParseError, RecursionError) as exc:
         raise APIError(400, f"request body is not a valid rlhf.v1.Comparison: {exc}",
                        code="invalid_argument") from None
 
 
 def to_api_error(exc: ServiceError) -> APIError:
-    param = exc.field if isinstance(exc, InvalidComparison) else None
-    return APIError(HTTP_STATUS[exc.code], exc.message, param, exc.code.value)
+    return APIError(HTTP_STATUS[exc.code], exc.message, exc.field, exc.code.value)
 
 
-def feedback_router(feedback: FeedbackService) -> APIRouter:
-    """``POST /v1/feedback/comparisons``: 200 with a SubmitResponse, 400 or 503 otherwise."""
+def feedback_router(feedback: FeedbackService, credentials: Credentials) -> APIRouter:
+    """``POST /v1/feedback/comparisons``: 200 with a SubmitResponse; 400, 401, 403 or 503."""
     router = APIRouter()
 
     @router.post(ROUTE)
     async def submit_comparison(request: Request) -> JSONResponse:
         try:
-            result = await feedback.submit(parse_comparison(await request.body()))
+            claim = credentials.claim(request.headers.get("authorization"),
+                                      header_text(request.headers.get(LABELER_HEADER)))
+            result = await feedback.submit(parse_comparison(await request.body()), claim)
         except APIError as exc:
             return exc.response()
         except ServiceError as exc:
-            retry = {"Retry-After": "1"} if exc.code is Code.UNAVAILABLE else None
-            return to_api_error(exc).response(retry)
+            headers = ({"Retry-After": "1"} if exc.code is Code.UNAVAILABLE else
+                       {"WWW-Authenticate": "Bearer"} if exc.code is Code.UNAUTHENTICATED
+                       else None)
+            return to_api_error(exc).response(headers)
         body = json_format.MessageToDict(to_response(result), preserving_proto_field_name=True,
                                          always_print_fields_with_no_presence=True)
         return JSONResponse(body)

@@ -6,12 +6,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
-from rlhf.auth import bearer_matches
 from rlhf.v1 import policy_pb2, policy_pb2_grpc
+from serving.auth import Credentials
 from serving.service import Code, GenerateInput, PolicyService, ServiceError
 
 STATUS = {
     Code.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    Code.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    Code.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
     Code.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     Code.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Code.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
@@ -91,11 +93,11 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
 
 
 class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Require ``authorization: Bearer <token>`` (any case of the scheme) on every method
-    but health checks."""
+    """Require a known ``authorization: Bearer <token>`` (serving.auth) on every method but
+    health checks."""
 
-    def __init__(self, token: str) -> None:
-        self._token = token
+    def __init__(self, credentials: Credentials) -> None:
+        self.credentials = credentials
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -105,7 +107,7 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
         if details.method.startswith(PUBLIC_PREFIXES) or handler is None:
             return handler
         given = dict(details.invocation_metadata or ()).get("authorization", "")
-        if isinstance(given, str) and bearer_matches(given, self._token):
+        if isinstance(given, str) and self.credentials.admits(given):
             return handler
         return _deny(handler, "missing or wrong bearer token in the 'authorization' metadata")
 

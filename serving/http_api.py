@@ -24,16 +24,18 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from rlhf.auth import bearer_matches
+from serving.auth import Credentials
 from serving.openapi import install as install_openapi
 from serving.service import Code, GenerateInput, Generation, Info, PolicyService, ServiceError
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
-STATUS = {Code.INVALID_ARGUMENT: 400, Code.NOT_FOUND: 404, Code.RESOURCE_EXHAUSTED: 429,
+STATUS = {Code.INVALID_ARGUMENT: 400, Code.UNAUTHENTICATED: 401, Code.PERMISSION_DENIED: 403,
+          Code.NOT_FOUND: 404, Code.RESOURCE_EXHAUSTED: 429,
           Code.UNAVAILABLE: 503, Code.DEADLINE_EXCEEDED: 504, Code.INTERNAL: 500}
-ERROR_TYPE = {401: "authentication_error", 429: "rate_limit_error", 503: "service_unavailable"}
+ERROR_TYPE = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error",
+              503: "service_unavailable"}
 FINISH = {"eos": "stop", "stop": "stop", "max_tokens": "length", "context": "length"}
 _PARAMS = ("n", "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "stop",
            "messages", "adapter_version")
@@ -285,22 +287,21 @@ class JSONErrors:
 class Guard:
     """Bearer auth on /v1 and the body size limit, before FastAPI reads anything."""
 
-    def __init__(self, app: ASGIApp, service: PolicyService) -> None:
-        self.app, self.service = app, service
+    def __init__(self, app: ASGIApp, service: PolicyService, credentials: Credentials) -> None:
+        self.app, self.service, self.credentials = app, service, credentials
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        token = self.service.config.auth_token
-        if token and scope["path"].startswith("/v1") and not bearer_matches(
-                headers.get("authorization"), token):
+        if scope["path"].startswith("/v1") and not self.credentials.admits(
+                headers.get("authorization")):
             reply = APIError(401, "missing or wrong API key: send 'Authorization: Bearer "
                              "<token>'", code="invalid_api_key")
             return await reply.response({"WWW-Authenticate": "Bearer"})(scope, receive, send)
         too_large = f"request body is larger than the {MAX_BODY_BYTES} byte limit"
         length = headers.get("content-length", "")
-        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+        if length.isascii() and length.isdigit() and int(length) > MAX_BODY_BYTES:
             return await APIError(413, too_large).response()(scope, receive, send)
         seen = 0
 
@@ -332,9 +333,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"invalid value for '{where}': {first['msg']}{shown}", where
 
 
-def create_app(service: PolicyService) -> FastAPI:
+def create_app(service: PolicyService, credentials: Credentials | None = None) -> FastAPI:
     app = FastAPI(title="rlhf policy", docs_url=None, redoc_url=None)
-    app.add_middleware(Guard, service=service)
+    app.add_middleware(Guard, service=service,
+                       credentials=credentials or Credentials(service.config.auth_token))
     app.add_middleware(JSONErrors)  # added last: the outermost of ours
     install_openapi(app, service.config)
 

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
+from rlhf import contract
 from serving.config import ServingConfig
 from serving.service import MAX_TEMPERATURE, MAX_TOP_K, MIN_TEMPERATURE, ROLES
 
@@ -30,6 +31,8 @@ ERROR_SCHEMA = {
 }
 WHY = {400: "invalid request: the message names the field and what to fix",
        401: "missing or wrong bearer token (when the server has one)",
+       403: "the credential may not submit rankings as this labeler (the shared token "
+       "never may; a labeler token only as its own labeler)",
        404: "unknown model or adapter version",
        413: "request body larger than 1 MiB",
        429: "server busy: too many requests waiting; retry with backoff",
@@ -38,7 +41,7 @@ WHY = {400: "invalid request: the message names the field and what to fix",
 ERRORS_BY_PATH = {
     "/v1/chat/completions": (400, 401, 404, 413, 429, 500, 503, 504),
     "/v1/models": (401, 500, 503),
-    "/v1/feedback/comparisons": (400, 401, 413, 500, 503),
+    "/v1/feedback/comparisons": (400, 401, 403, 413, 500, 503),
     "/healthz": (500,),
     "/metrics": (500,),
 }
@@ -155,12 +158,12 @@ _HEALTH = {"type": "object", "required": ["status"],
 
 
 def _comparison_rules(components: dict[str, Any]) -> None:
-    """The per-field rules of serving/feedback.py that JSON Schema can say (the rest, such
-    as ranks within 1..K and positions a permutation, are in proto/rlhf/v1/feedback.proto)."""
+    """The per-field rules of rlhf/contract.py that JSON Schema can say (the rest, such as
+    ranks within 1..K and positions a permutation, are in proto/rlhf/v1/feedback.proto)."""
     record = components["rlhf.v1.Comparison"]
     record["required"] = ["id", "labeler_id", "messages", "candidates"]
     props = record["properties"]
-    props["id"] = {"type": "string", "pattern": r"^[A-Za-z0-9_-]{8,64}$"}
+    props["id"] = {"type": "string", "pattern": f"^{contract.ID_RE.pattern}$"}
     props["labeler_id"] = _TEXT
     props["messages"].update(minItems=1)
     props["candidates"].update(minItems=2, maxItems=9)

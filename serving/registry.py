@@ -1,4 +1,4 @@
-"""RegistryFollower: keep this replica on the registry's current adapter (DESIGN.md §4).
+"""RegistryFollower: keep this replica on the registry's current adapter (docs/design.md §4).
 
 One thread listens on ``rlhf:adapters:events`` and, at least every ``poll_s`` (a message
 can be missed), re-reads ``rlhf:adapters:current``. Each round resolves what to serve the

@@ -32,6 +32,7 @@ from redis.exceptions import RedisError
 from rlhf.modeling import LoadedModel, load_model
 from rlhf.v1 import feedback_pb2, feedback_pb2_grpc, policy_pb2, policy_pb2_grpc
 from serving.adapters import AdapterManager
+from serving.auth import Credentials
 from serving.canary import CANARY_PROMPT
 from serving.config import ServingConfig
 from serving.engine import Engine
@@ -82,16 +83,19 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 async def _phase_listen(config: ServingConfig, service: PolicyService,
-                        feedback: FeedbackService | None = None) -> Running:
+                        feedback: FeedbackService | None = None,
+                        credentials: Credentials | None = None) -> Running:
+    credentials = credentials or Credentials.from_config(config)
     interceptors: list[grpc.aio.ServerInterceptor] = (
-        [BearerAuthInterceptor(config.auth_token)] if config.auth_token else [])
+        [BearerAuthInterceptor(credentials)] if credentials.gated else [])
     interceptors.append(DecodeGuard())  # last: every method sees a request that decoded
     server = grpc.aio.server(interceptors=interceptors,
                              options=[("grpc.max_receive_message_length", 8 << 20)])
     policy_pb2_grpc.add_PolicyServicer_to_server(PolicyServicer(service), server)
     names: tuple[str, ...] = ("", POLICY_SERVICE)
     if feedback is not None:
-        feedback_pb2_grpc.add_FeedbackServicer_to_server(FeedbackServicer(feedback), server)
+        feedback_pb2_grpc.add_FeedbackServicer_to_server(
+            FeedbackServicer(feedback, credentials), server)
         names += (FEEDBACK_SERVICE,)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -113,9 +117,9 @@ async def _phase_listen(config: ServingConfig, service: PolicyService,
     if config.http_port >= 0:
         sock = _bind(config.host, config.http_port)
         http_port = sock.getsockname()[1]
-        app = create_app(service)
+        app = create_app(service, credentials)
         if feedback is not None:
-            app.include_router(feedback_router(feedback))
+            app.include_router(feedback_router(feedback, credentials))
         http = _EmbeddedUvicorn(uvicorn.Config(app, http=JSONErrorsH11Protocol,
                                                log_level="warning", lifespan="off",
                                                access_log=False))
@@ -201,6 +205,9 @@ async def _phase_load(config: ServingConfig, service: PolicyService, run: Runnin
     (loaded, engine), _ = await asyncio.gather(asyncio.to_thread(_load_engine, config, service),
                                                _prepare_feedback(run.feedback))
     run.follower = await _start_follower(config, service, loaded.name, engine)
+    if run.feedback is not None and run.follower is not None:
+        follower = run.follower  # a version this replica refused is not a ranking's source
+        run.feedback.versions.refused = lambda: tuple(follower.refused.copy())  # atomic
     service.attach(loaded, engine.adapters, engine)  # requests are accepted from here on
     service.metrics.set_follow(engine.adapters.follow_state)
     for name in run.health_names:
@@ -235,14 +242,31 @@ async def _phase_shutdown(config: ServingConfig, service: PolicyService, run: Ru
         await run.feedback.store.close()
 
 
+def _log_labeler_binding(credentials: Credentials, config: ServingConfig) -> None:
+    if not config.redis_url:
+        return
+    if credentials.binds_labelers:
+        log.info("feedback: labelers are bound to credentials (ui token: %s, labeler tokens: "
+                 "%d)", "yes" if credentials.ui_token else "no",
+                 len(set(credentials.labeler_hashes.values())))
+    elif credentials.gated:
+        log.warning("feedback: only --auth-token is set, which proves no labeler: every "
+                    "ranking is refused until --ui-token or --labeler-tokens is given")
+    else:
+        log.warning("feedback: no credentials configured: labeler ids are taken from the "
+                    "records as sent and stamped LABELER_AUTH_NONE (unauthenticated)")
+
+
 async def serve(config: ServingConfig) -> None:
     service = PolicyService(config)
-    feedback = FeedbackService.from_config(config, service) if config.redis_url else None
+    credentials = Credentials.from_config(config)  # a bad --labeler-tokens file stops here
+    _log_labeler_binding(credentials, config)
+    feedback = FeedbackService.from_config(config) if config.redis_url else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    run = await _phase_listen(config, service, feedback)
+    run = await _phase_listen(config, service, feedback, credentials)
     sys.stdout.write(json.dumps({"event": "listening", "grpc_port": run.grpc_port,
                                  "http_port": run.http_port}) + "\n")
     sys.stdout.flush()

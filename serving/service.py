@@ -14,8 +14,16 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+from rlhf.contract import (
+    MAX_TEMPERATURE,
+    MAX_TOP_K,
+    MIN_TEMPERATURE,
+    ROLES,
+    is_version_name,
+    name_problem,
+)
 from rlhf.modeling import LoadedModel
-from serving.adapters import VERSION_RE, AdapterManager, UnknownAdapter
+from serving.adapters import AdapterManager, UnknownAdapter
 from serving.config import ServingConfig
 from serving.engine import (
     DeadlineExceeded,
@@ -28,21 +36,16 @@ from serving.engine import (
 )
 from serving.metrics import ServingMetrics
 
-ROLES = ("system", "user", "assistant")
 SERVER_VERSION = "0.1.0"
 _REQUEST_ID_MAX = 128
-# Sampling ranges (README "Sampling parameters"). Temperature is 0 (greedy) or in
-# [MIN_TEMPERATURE, MAX_TEMPERATURE]: below 0.01 the logits divided by it leave float32's
-# range and every seed gives the same garbage; ask for 0 to get the most likely tokens.
-MIN_TEMPERATURE = 0.01
-MAX_TEMPERATURE = 100.0
-# top_k: 0 or anything at least the vocabulary size means no limit; the cap keeps the
-# value inside every integer type it passes through (int64 tensors, uint32 on the wire).
-MAX_TOP_K = 1 << 20
+# Sampling ranges (README "Sampling parameters") live in rlhf.contract: a ranking records
+# the sampling of its candidates, and the Feedback door checks them against the same ones.
 
 
 class Code(enum.Enum):
     INVALID_ARGUMENT = "invalid_argument"
+    UNAUTHENTICATED = "unauthenticated"
+    PERMISSION_DENIED = "permission_denied"
     NOT_FOUND = "not_found"
     RESOURCE_EXHAUSTED = "resource_exhausted"
     UNAVAILABLE = "unavailable"
@@ -51,10 +54,14 @@ class Code(enum.Enum):
 
 
 class ServiceError(Exception):
-    def __init__(self, code: Code, message: str) -> None:
+    """A status code, a message for the caller and, when one field is at fault, its name
+    (``candidates[2].rank``), carried to both wires without parsing the message."""
+
+    def __init__(self, code: Code, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.field = field
 
 
 def _invalid(message: str) -> ServiceError:
@@ -305,7 +312,7 @@ def _check_text(name: str, text: str) -> None:
 def _check_adapter_name(version: str | None) -> str | None:
     if not version:
         return None
-    if not VERSION_RE.match(version):
+    if not is_version_name(version):
         raise _invalid(f"adapter_version {version!r} is not a valid version name "
                        "(letters, digits, '.', '_', '-'; at most 64)")
     return version
@@ -314,6 +321,8 @@ def _check_adapter_name(version: str | None) -> str | None:
 def _check_request_id(request_id: str | None) -> str:
     if not request_id:
         return uuid.uuid4().hex
-    if len(request_id) > _REQUEST_ID_MAX or not request_id.isprintable():
-        raise _invalid(f"request_id must be printable and at most {_REQUEST_ID_MAX} characters")
+    problem = name_problem(request_id, _REQUEST_ID_MAX)
+    if problem:
+        raise _invalid(f"request_id {problem} (at most {_REQUEST_ID_MAX} printable characters, "
+                       "no leading or trailing whitespace)")
     return request_id

@@ -1,5 +1,5 @@
 """Adapter versions a replica must refuse and how refusals heal (issue #12 findings 2, 4, 8;
-DESIGN.md §4). Real Redis (db 3), a real `rlhf serve` process, the tiny model, PEFT
+docs/design.md §4). Real Redis (db 3), a real `rlhf serve` process, the tiny model, PEFT
 adapters; bad versions come from tests/adapter_kit.py."""
 
 from __future__ import annotations

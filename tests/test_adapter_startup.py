@@ -1,4 +1,4 @@
-"""What a replica serves when it starts (issue #12 findings 3 and 5; DESIGN.md §4): the
+"""What a replica serves when it starts (issue #12 findings 3 and 5; docs/design.md §4): the
 same version as the rest of the fleet when the registry's current one is bad, said so in
 /healthz and /metrics; and nothing before the registry's adapter is loaded. Real Redis
 (db 4, and a private one to pause), real `rlhf serve` processes, the tiny model."""

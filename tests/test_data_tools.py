@@ -172,3 +172,15 @@ def test_malformed_lines_are_reported_and_skipped(r, url, capsys, tmp_path):
     assert [(m.role, m.content) for m in rec.messages] == [
         ("user", "Hi"), ("assistant", "Hello!"), ("user", "2+2?")]
     assert [c.text for c in rec.candidates] == ["4", "5"]
+
+
+@pytest.mark.parametrize(("flag", "value"), [
+    ("--labeler-id", "alice\n"), ("--labeler-id", "alice "), ("--labeler-id", "al\u2028ice"),
+    ("--adapter-version", "v1\n"), ("--adapter-version", "v1 "), ("--adapter-version", "has space"),
+    ("--adapter-version", "../v1")])
+def test_import_refuses_labeler_and_version_names_with_a_tail(url, tmp_path, flag, value):
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps({"chosen": transcript("a", "b"), "rejected": transcript("a", "c")}))
+    with pytest.raises(SystemExit) as exit_:
+        cli(["data", "import", "--redis-url", url, "--in", str(path), flag, value])
+    assert exit_.value.code == 2

@@ -97,7 +97,9 @@ def test_valid_record_lands_in_the_stream_exactly_as_sent(stub, r):
     assert fields[b"id"].decode() == msg.id and fields[b"labeler_id"] == b"labeler-7"
     assert fields[b"k"] == b"4" and fields[b"schema"] == b"rlhf.v1.Comparison"
     assert int(fields[b"received_at"]) == record.received_at.ToMilliseconds()
+    assert record.labeler_auth == fb.LABELER_AUTH_NONE  # no credentials: as sent, marked
     record.ClearField("received_at")
+    record.ClearField("labeler_auth")
     assert record == msg
     assert [c.rank for c in record.candidates] == [2, 1, 2, 4]  # the tie survived
     assert list(record.candidates[3].flags) == [fb.FLAG_MADE_UP_FACTS]
@@ -234,6 +236,7 @@ def test_http_accepts_the_same_record_as_json(fb_server, r):
     assert body["id"] == msg.id and body["duplicate"] is False
     _, record = stored(r, body["stream_entry_id"])
     record.ClearField("received_at")
+    record.ClearField("labeler_auth")
     assert record == msg
     again = post(fb_server, json_format.MessageToJson(msg, preserving_proto_field_name=True))
     assert again.json() == {**body, "duplicate": True}
@@ -259,7 +262,10 @@ def test_http_rejects_bad_records_with_400(fb_server, r, body, param, text):
     assert r.xlen(STREAM) == before
 
 
-def test_unauthenticated_callers_are_refused(tiny_model_dir, redis_server, r):
+def test_unauthenticated_callers_and_the_shared_token_are_refused(tiny_model_dir, redis_server,
+                                                                   r):
+    """The shared serving token passes the gate but proves no labeler (finding 7): it may
+    not submit rankings; tests/test_feedback_auth.py covers the credentials that may."""
     srv = ServerProcess(tiny_model_dir, extra=["--redis-url", db_url(redis_server),
                                                "--auth-token", TOKEN])
     try:
@@ -270,12 +276,16 @@ def test_unauthenticated_callers_are_refused(tiny_model_dir, redis_server, r):
                 submit(stub, comparison())
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert r.xlen(STREAM) == before
-            ok = submit(stub, comparison(), metadata=[("authorization", f"Bearer {TOKEN}")])
-            assert not ok.duplicate
+            with pytest.raises(grpc.RpcError) as err:
+                submit(stub, comparison(), metadata=[("authorization", f"Bearer {TOKEN}")])
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "shared serving token" in err.value.details()
         reply = post(srv, comparison())
         assert reply.status_code == 401 and reply.json()["error"]["type"] == "authentication_error"
-        assert post(srv, comparison(), token=TOKEN).status_code == 200
-        assert r.xlen(STREAM) == before + 2
+        denied = post(srv, comparison(), token=TOKEN)
+        assert denied.status_code == 403 and denied.json()["error"]["param"] == "labeler_id"
+        assert "shared serving token" in denied.json()["error"]["message"]
+        assert r.xlen(STREAM) == before
     finally:
         srv.stop()
 

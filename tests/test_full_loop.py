@@ -24,6 +24,7 @@ import pytest
 import redis
 
 from rlhf.comparisons import STREAM
+from rlhf.v1 import feedback_pb2 as fb
 from rlhf.v1 import policy_pb2 as pb
 from rlhf.v1 import policy_pb2_grpc as pbg
 from serving.feedback import ID_INDEX, decode_entry
@@ -69,10 +70,12 @@ pytestmark = [
 ]
 
 
-def simulate(target: str) -> dict:
+def simulate(target: str, token_file: Path) -> dict:
+    """Simulated labelers rank through the UI's credential, which `rlhf up` wrote."""
     proc = subprocess.run(
         [sys.executable, "-m", "rlhf.cli", "simulate", "--target", target, "--labelers", "3",
-         "--count", str(SIMULATED), "--k", str(K), "--max-new-tokens", "12", "--seed", "1"],
+         "--count", str(SIMULATED), "--k", str(K), "--max-new-tokens", "12", "--seed", "1",
+         "--token-file", str(token_file)],
         cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
@@ -134,11 +137,14 @@ def test_simulate_learn_hot_swap_rank_in_browser_and_stop(tiny_model_dir: Path,
         r = redis.Redis.from_url(ready["redis"])
 
         # 1. Simulated labelers rank K answers of starter tasks by the gold preference.
-        report = simulate(ready["grpc"])
+        report = simulate(ready["grpc"], up.data_dir / "ui-token")
         assert report["errors"] == 0, report["error_examples"]
         assert report["stored"] == SIMULATED and report["preference"] == "gold"
         assert set(report["adapter_versions"]) == {"base"}
         assert r.xlen(STREAM) == SIMULATED
+        simulated = [decode_entry(fields) for _, fields in r.xrange(STREAM)]
+        assert {(c.labeler_id[:4], c.labeler_auth) for c in simulated} == {
+            ("sim-", fb.LABELER_AUTH_UI_LOGIN)}  # each named itself through the UI token
 
         # 2. The operator runs an iteration: all of it lands in the dataset, v1 is published.
         body = run_iteration(ready["learner"])
@@ -160,6 +166,7 @@ def test_simulate_learn_hot_swap_rank_in_browser_and_stop(tiny_model_dir: Path,
         [(_, fields)] = r.xrange(STREAM, entry, entry)
         record = decode_entry(fields)
         assert record.labeler_id == "alice"
+        assert record.labeler_auth == fb.LABELER_AUTH_UI_LOGIN  # the login, not the body
         assert sorted(c.rank for c in record.candidates) == list(range(1, K + 1))
         assert {c.adapter_version for c in record.candidates} == {"v1"}
         assert r.xlen(STREAM) == SIMULATED + 1

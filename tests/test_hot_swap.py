@@ -1,5 +1,5 @@
 """Adapter hot-swap: publish to the registry, every replica follows within a second, no
-request fails or mixes versions, bad adapters are refused, rollback works (DESIGN.md §4).
+request fails or mixes versions, bad adapters are refused, rollback works (docs/design.md §4).
 
 Real Redis (db 2), real `rlhf serve` processes, the tiny model, LoRA adapters made with
 PEFT (each version with its own random weights, so each says something different).

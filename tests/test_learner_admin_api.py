@@ -150,8 +150,8 @@ def test_iterations_and_adapters(env):
     assert v2["metrics"] == {"rm/accuracy": 0.5}
 
     assert [r["id"] for r in dashboard(env, limit=2)["iterations"]] == ["it-0002", "it-0003"]
-    assert env["http"].get("/v1/dashboard", headers=AUTH, params={"limit": 0}
-                           ).status_code == 422
+    bad = env["http"].get("/v1/dashboard", headers=AUTH, params={"limit": 0})
+    assert bad.status_code == 400 and "limit" in bad.json()["detail"]  # documented: 400
 
 
 def test_redis_down_is_a_503_with_a_reason(env, redis_server):
@@ -162,3 +162,51 @@ def test_redis_down_is_a_503_with_a_reason(env, redis_server):
         redis_server.start()
     assert reply.status_code == 503 and "Redis is unreachable" in reply.json()["detail"]
     assert dashboard(env)["queue"]["stream_length"] == 1  # AOF kept it; answers again
+
+
+def test_redis_down_is_a_503_on_every_route_not_a_500(env, redis_server):
+    redis_server.stop()
+    try:
+        replies = {path: env["http"].get(path, headers=AUTH)
+                   for path in ("/v1/status", "/v1/adapters", "/v1/adapters/v1")}
+    finally:
+        redis_server.start()
+    for path, reply in replies.items():
+        assert reply.status_code == 503, (path, reply.text)
+        assert "Redis is unreachable" in reply.json()["detail"]
+
+
+def test_the_openapi_document_is_behind_the_token_and_there_are_no_docs(env):
+    http = env["http"]
+    assert http.get("/openapi.json").status_code == 401
+    assert http.get("/openapi.json", headers={"Authorization": "Bearer nope"}).status_code == 401
+    for page in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+        assert http.get(page, headers=AUTH).status_code == 404
+        assert http.get(page).status_code in (401, 404)
+    assert http.get("/openapi.json", headers=AUTH).status_code == 200
+
+
+def test_the_openapi_document_lists_the_codes_the_routes_answer(env):
+    doc = env["http"].get("/openapi.json", headers=AUTH).json()
+    codes = {(method.upper(), path): set(op["responses"])
+             for path, ops in doc["paths"].items() for method, op in ops.items()}
+    assert not any("422" in c for c in codes.values())  # validation errors answer 400
+    assert all({"401", "503"} <= c for c in codes.values())
+    assert "400" in codes[("GET", "/v1/dashboard")]
+    assert "202" in codes[("POST", "/v1/iterations")] and "409" in codes[("POST",
+                                                                          "/v1/iterations")]
+    assert "404" in codes[("GET", "/v1/iterations/{iteration_id}")]
+    assert {"404", "409"} <= codes[("POST", "/v1/adapters/{version}/promote")]
+    assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    # ...and they really are those codes
+    http = env["http"]
+    assert http.get("/v1/iterations/it-nope", headers=AUTH).status_code == 404
+    assert http.get("/v1/adapters/v-nope", headers=AUTH).status_code == 404
+    assert http.post("/v1/adapters/v-nope/promote", headers=AUTH).status_code == 404
+    assert http.get("/v1/dashboard", headers=AUTH, params={"limit": "x"}).status_code == 400
+
+
+def test_a_wrong_method_names_every_method_of_the_path(env):
+    reply = env["http"].request("DELETE", "/v1/iterations", headers=AUTH)
+    assert reply.status_code == 405
+    assert set(reply.headers["allow"].split(", ")) == {"GET", "POST"}

@@ -1,4 +1,4 @@
-"""Crash safety and resume of the learner (DESIGN.md §5): a restarted learner continues the
+"""Crash safety and resume of the learner (docs/design.md §5): a restarted learner continues the
 same policy (bitwise: LoRA, value head, Adam, adaptive beta, PPO step) from its checkpoint
 with parent = the version it published last and the same reference (base, adapters off);
 `rlhf learn` processes SIGKILLed at every phase (and inside publish) leave only complete

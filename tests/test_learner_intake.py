@@ -256,3 +256,34 @@ def test_sigkill_at_any_point_loses_nothing_and_counts_nothing_twice(r, url, tmp
         intake.close()
         assert_exactly_once(ds, records)
     assert pending(r) == 0 and acked_ids(r) == {c.id for c in records}
+
+
+def test_a_record_breaking_the_comparison_contract_is_dead_lettered(r, url, tmp_path):
+    """The intake applies rlhf.contract (the Feedback door's rules, sizes excepted): a
+    record XADDed past serving is dead-lettered, not trained on."""
+    bad = {}
+    for name, change in {
+        "id with a newline": lambda c: setattr(c, "id", c.id + "\n"),
+        "labeler with a line separator": lambda c: setattr(c, "labeler_id", "alice\u2028"),
+        "rank 0": lambda c: setattr(c.candidates[0], "rank", 0),
+        "NaN temperature": lambda c: setattr(c.candidates[1].sampling, "temperature",
+                                             float("nan")),
+        "unknown role": lambda c: setattr(c.messages[0], "role", "robot"),
+        "version with a tail": lambda c: setattr(c.candidates[0], "adapter_version", "v1\n"),
+    }.items():
+        rec = record(100 + len(bad))
+        change(rec)
+        bad[r.xadd(STREAM, encode_entry(rec))] = name
+    huge = record(200)
+    huge.candidates[0].text = "x" * 100_000  # over serving's default size: the door's call
+    submit(r, [huge])
+    with ComparisonDataset(tmp_path / "ds") as ds:
+        intake = Intake(url, ds, CONSUMER)
+        result = intake.drain()
+        intake.close()
+        assert (result.read, result.stored, result.malformed) == (len(bad) + 1, 1, len(bad))
+        assert [c.id for c in ds.load_all()] == [huge.id]
+    dead = {fields[b"dead:entry_id"]: fields[b"dead:reason"].decode()
+            for _, fields in r.xrange(DEAD_LETTER)}
+    assert set(dead) == set(bad)
+    assert all("breaks the Comparison contract" in reason for reason in dead.values())

@@ -155,7 +155,7 @@ def test_two_iterations_publish_v1_then_v2(env, tiny_model_dir: Path, caplog):
     assert record["version"] == "v1"
     assert first.encode() in client.lrange(HISTORY, 0, -1)
 
-    # A replica following the registry picks up v1 (DESIGN §4).
+    # A replica following the registry picks up v1 (docs/design.md §4).
     server = ServerProcess(tiny_model_dir, extra=[
         "--redis-url", env["url"], "--adapter-store", cfg.adapter_store,
         "--registry-poll-s", "0.2"])

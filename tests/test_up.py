@@ -22,6 +22,8 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rlhf.up_config import parse_args, read_config_file
+from rlhf.v1 import feedback_pb2 as fb
+from rlhf.v1 import feedback_pb2_grpc as fbg
 from rlhf.v1 import policy_pb2 as pb
 from rlhf.v1 import policy_pb2_grpc as pbg
 from tests.conftest import ROOT
@@ -185,6 +187,25 @@ def test_up_starts_every_part_and_sigint_stops_all(up_factory):
         info = pbg.PolicyStub(channel).GetInfo(pb.GetInfoRequest())
         assert info.current_adapter_version == "base"
     assert httpx.get(ready["http"] + "/models", timeout=10).status_code == 200
+    # Rankings: only through the UI's credential (written owner-only for local tools), which
+    # names the labeler; an anonymous program cannot rank as anyone.
+    token_file = up.data_dir / "ui-token"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    ui_token = token_file.read_text().strip()
+    assert len(ui_token) >= 32 and ui_token not in "".join(up.lines)
+    with grpc.insecure_channel(ready["grpc"]) as channel:
+        feedback = fbg.FeedbackStub(channel)
+        ranking = fb.Comparison(id="up-test-0001", labeler_id="alice", messages=[
+            pb.ChatMessage(role="user", content="hi")])
+        for i in range(2):
+            ranking.candidates.add(text=f"answer {i}", adapter_version="base", position=i,
+                                   rank=i + 1)
+        with pytest.raises(grpc.RpcError) as err:
+            feedback.Submit(fb.SubmitRequest(comparison=ranking), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        stored = feedback.Submit(fb.SubmitRequest(comparison=ranking), timeout=10, metadata=[
+            ("authorization", f"Bearer {ui_token}"), ("x-rlhf-labeler", "alice")])
+        assert not stored.duplicate
     # Learner: its admin API wants the operator token from the config file.
     status = ready["learner"] + "/v1/status"
     assert httpx.get(status, timeout=10).status_code == 401

@@ -1,4 +1,9 @@
-"""The one place the UI talks to serving: Policy.Generate/GetInfo and Feedback.Submit."""
+"""The one place the UI talks to serving: Policy.Generate/GetInfo and Feedback.Submit.
+
+Rankings carry the logged-in labeler in the ``x-rlhf-labeler`` metadata; serving believes
+it only from its UI service token (serving's ``--ui-token``, given to the UI as its
+``--auth-token``), so one person cannot submit as another.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from rlhf.v1 import policy_pb2 as pb
 from rlhf.v1 import policy_pb2_grpc as pbg
 
 log = logging.getLogger(__name__)
+LABELER_METADATA = "x-rlhf-labeler"  # serving.auth.LABELER_HEADER (ui imports only rlhf.v1)
 
 # Codes after which the same record may be sent again: nothing was stored, or we cannot
 # know (a deadline); the id makes a second store impossible either way.
@@ -53,6 +59,9 @@ def user_message(exc: grpc.RpcError, action: str) -> ServingError:
                 if stored else "Serving did not answer in time; try again.")
     elif code == grpc.StatusCode.UNAUTHENTICATED:
         text = "The UI's token for serving is wrong or missing (ask an operator)."
+    elif code == grpc.StatusCode.PERMISSION_DENIED:
+        text = (f"Serving would not store this ranking under your name: {details} (ask an "
+                "operator: the UI needs serving's --ui-token as its token)")
     elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         text = "Serving is busy; try again in a moment."
     elif code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -63,6 +72,15 @@ def user_message(exc: grpc.RpcError, action: str) -> ServingError:
         text = f"Serving failed ({code.name}): {details}"
     retryable = stored and code in RETRYABLE
     return ServingError(text, code, retryable)
+
+
+def labeler_metadata(labeler: str) -> list[tuple[str, str | bytes]]:
+    """gRPC text metadata is printable ASCII; any other name goes as UTF-8 in ``-bin``."""
+    if not labeler:
+        return []
+    if labeler.isascii() and labeler.isprintable():
+        return [(LABELER_METADATA, labeler)]
+    return [(LABELER_METADATA + "-bin", labeler.encode("utf-8"))]
 
 
 class ServingClient:
@@ -103,11 +121,13 @@ class ServingClient:
             stream.cancel()
 
     def submit(self, record: fb.Comparison) -> fb.SubmitResponse:
-        """Store one ranking; OK only after Redis accepted it (idempotent by record.id)."""
+        """Store one ranking as its labeler (the logged-in person the handlers put in
+        ``record.labeler_id``); OK only after Redis accepted it (idempotent by record.id)."""
+        who = record.labeler_id
+        metadata = [*self._metadata, *labeler_metadata(who)]
         try:
             return self._feedback.Submit(fb.SubmitRequest(comparison=record),
-                                         timeout=min(self._timeout, 30.0),
-                                         metadata=self._metadata)
+                                         timeout=min(self._timeout, 30.0), metadata=metadata)
         except grpc.RpcError as exc:
             log.warning("submit of %s failed: %s", record.id, exc.code())
             raise user_message(exc, "submit") from None

@@ -16,7 +16,9 @@ class UIConfig:
 
     policy_target: str = _f("127.0.0.1:50051", "gRPC address of `rlhf serve` (host:port)",
                            address="host:port")
-    auth_token: str = _f("", "bearer token serving expects; empty = none", secret=True)
+    auth_token: str = _f("", "bearer token for serving: its --ui-token, so the logged-in "
+                         "labeler is believed (serving's shared --auth-token cannot submit "
+                         "rankings); empty = none", secret=True)
     host: str = _f("127.0.0.1", "interface the UI binds to")
     port: int = _f(7860, "HTTP port of the UI", bounds=(0, 65535))
     k: int = _f(4, "alternatives per turn the labeler ranks (2..9)")

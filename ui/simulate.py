@@ -16,8 +16,11 @@ the efficacy of the loop:
   feedback benchmark's load.
 
 Labelers share a pacer: turns start at ``--rate`` comparisons/s in total (0 = as fast as
-serving answers) until ``--seconds`` pass or ``--count`` comparisons are stored. Prints one
-JSON document (per adapter version: candidates seen, their mean utility under the
+serving answers) until ``--seconds`` pass or ``--count`` comparisons are stored. Like the
+ranking UI, they submit through serving's UI service token (``--auth-token`` or
+``--token-file``; `rlhf up` writes ``DATA_DIR/ui-token``), each naming itself
+(``sim-NN``); against a serving with no credentials configured no token is needed. Prints
+one JSON document (per adapter version: candidates seen, their mean utility under the
 preference and, on starter tasks, the share correct). ``rlhf bench feedback`` runs it as
 ``python -m ui.simulate``.
 """
@@ -34,6 +37,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from rlhf.gold import gold_tasks
 from rlhf.preferences import EMPTY, PREFERENCES, Item, Preference, general_prompts, ranks
@@ -49,6 +53,7 @@ PROMPTS = ["What is 2 + 9?", "Put in order: 7 6 3 1", "Reverse the order: train 
 TURNS_PER_CONVERSATION = 2  # keeps prompts well inside a small model's context
 ERROR_BACKOFF_S = 0.5  # a failing serving is not hammered in a tight loop
 COUNT_LIMIT_S = 600.0  # with --count and no --seconds: give up after this long
+DEFAULT_TOKEN_FILE = Path(".rlhf") / "ui-token"  # `rlhf up`'s default --data-dir
 
 
 def questions(preference: str, prompts: str, rng: random.Random, seed: int
@@ -170,7 +175,7 @@ def one_turn(client: ServingClient, messages: list[dict[str, str]], labeler: str
 
 
 def labeler(n: int, args: argparse.Namespace, pacer: Pacer, tally: Tally) -> None:
-    client = ServingClient(args.target, args.auth_token, timeout_s=60.0)
+    client = ServingClient(args.target, token(args), timeout_s=60.0)
     rng = random.Random(args.seed * 1000 + n)
     preference = get_preference(args.preference)
     asks = questions(args.preference, args.prompts, rng, args.seed * 1000 + n)
@@ -245,13 +250,31 @@ def run(args: argparse.Namespace) -> dict:
             "adapter_versions": _by_version(tally, args.prompts == "starter")}
 
 
+def token(args: argparse.Namespace) -> str:
+    """--auth-token, else the first line of --token-file (what `rlhf up` writes), else none."""
+    if args.auth_token:
+        return args.auth_token
+    path = Path(args.token_file) if args.token_file else DEFAULT_TOKEN_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    if args.token_file:
+        raise SystemExit(f"--token-file {path}: no such file")
+    return ""
+
+
 def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--target", default=os.environ.get("RLHF_UI_POLICY_TARGET",
                                                       "127.0.0.1:50051"),
                    help="gRPC address of `rlhf serve` (env RLHF_UI_POLICY_TARGET)")
     p.add_argument("--auth-token", default=os.environ.get("RLHF_UI_AUTH_TOKEN", ""),
-                   help="bearer token serving demands (env RLHF_UI_AUTH_TOKEN)")
+                   help="serving's UI service token (its --ui-token): the simulated labelers "
+                   "submit as themselves through it, like the ranking UI (env "
+                   "RLHF_UI_AUTH_TOKEN)")
+    p.add_argument("--token-file", default=os.environ.get("RLHF_SIMULATE_TOKEN_FILE", ""),
+                   help="read that token from this file instead; default "
+                   f"{DEFAULT_TOKEN_FILE} when it exists (written by `rlhf up`; env "
+                   "RLHF_SIMULATE_TOKEN_FILE)")
     p.add_argument("--preference", choices=sorted(PREFERENCES), default="gold",
                    help="the hidden ranking rule: " + "; ".join(
                        f"{p.name}: {p.description}" for p in PREFERENCES.values()))

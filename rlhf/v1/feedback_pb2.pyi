@@ -22,6 +22,14 @@ class Flag(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FLAG_VIOLENT_CONTENT: _ClassVar[Flag]
     FLAG_DENIGRATES_PROTECTED_CLASS: _ClassVar[Flag]
     FLAG_EXPRESSES_OPINION: _ClassVar[Flag]
+
+class LabelerAuth(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LABELER_AUTH_UNSPECIFIED: _ClassVar[LabelerAuth]
+    LABELER_AUTH_NONE: _ClassVar[LabelerAuth]
+    LABELER_AUTH_UI_LOGIN: _ClassVar[LabelerAuth]
+    LABELER_AUTH_TOKEN: _ClassVar[LabelerAuth]
+    LABELER_AUTH_IMPORT: _ClassVar[LabelerAuth]
 FLAG_UNSPECIFIED: Flag
 FLAG_FAILS_INSTRUCTION: Flag
 FLAG_MADE_UP_FACTS: Flag
@@ -31,6 +39,11 @@ FLAG_SEXUAL_CONTENT: Flag
 FLAG_VIOLENT_CONTENT: Flag
 FLAG_DENIGRATES_PROTECTED_CLASS: Flag
 FLAG_EXPRESSES_OPINION: Flag
+LABELER_AUTH_UNSPECIFIED: LabelerAuth
+LABELER_AUTH_NONE: LabelerAuth
+LABELER_AUTH_UI_LOGIN: LabelerAuth
+LABELER_AUTH_TOKEN: LabelerAuth
+LABELER_AUTH_IMPORT: LabelerAuth
 
 class Candidate(_message.Message):
     __slots__ = ("text", "adapter_version", "sampling", "seed", "position", "rank", "flags", "request_id")
@@ -53,7 +66,7 @@ class Candidate(_message.Message):
     def __init__(self, text: _Optional[str] = ..., adapter_version: _Optional[str] = ..., sampling: _Optional[_Union[_policy_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., position: _Optional[int] = ..., rank: _Optional[int] = ..., flags: _Optional[_Iterable[_Union[Flag, str]]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class Comparison(_message.Message):
-    __slots__ = ("id", "labeler_id", "messages", "candidates", "comment", "ideal_answer", "rank_time_ms", "created_at", "received_at")
+    __slots__ = ("id", "labeler_id", "messages", "candidates", "comment", "ideal_answer", "rank_time_ms", "created_at", "received_at", "labeler_auth")
     ID_FIELD_NUMBER: _ClassVar[int]
     LABELER_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +76,7 @@ class Comparison(_message.Message):
     RANK_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_AT_FIELD_NUMBER: _ClassVar[int]
+    LABELER_AUTH_FIELD_NUMBER: _ClassVar[int]
     id: str
     labeler_id: str
     messages: _containers.RepeatedCompositeFieldContainer[_policy_pb2.ChatMessage]
@@ -72,7 +86,8 @@ class Comparison(_message.Message):
     rank_time_ms: int
     created_at: _timestamp_pb2.Timestamp
     received_at: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., labeler_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_policy_pb2.ChatMessage, _Mapping]]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., comment: _Optional[str] = ..., ideal_answer: _Optional[str] = ..., rank_time_ms: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    labeler_auth: LabelerAuth
+    def __init__(self, id: _Optional[str] = ..., labeler_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_policy_pb2.ChatMessage, _Mapping]]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., comment: _Optional[str] = ..., ideal_answer: _Optional[str] = ..., rank_time_ms: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., labeler_auth: _Optional[_Union[LabelerAuth, str]] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
     __slots__ = ("comparison",)
