@@ -17,7 +17,6 @@ import platform
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,6 +24,7 @@ import torch
 from rlhf.modeling import LoadedModel, load_model, resolve_model_name
 from rlhf.starter_data import make_tasks
 from serving.benchkit import serve_child, write_report
+from serving.openai_load import Sample, dist
 
 log = logging.getLogger(__name__)
 
@@ -46,25 +46,6 @@ DEFINITIONS = {
     "baseline_sequential": "HF model.generate, batch 1, one request at a time, do_sample, "
                            "temperature 1, top_k 0, top_p 1, same prompts and max_new_tokens",
 }
-
-
-@dataclass
-class Sample:
-    ttft: float = math.nan
-    latency: float = math.nan
-    tokens: int = 0
-    itl: list[float] = field(default_factory=list)
-    error: str | None = None
-
-
-def _dist(values: list[float]) -> dict[str, float | None]:
-    """p50/p95 in ms (values in seconds), linear interpolation; None when empty."""
-    v, out = sorted(values), {}
-    for name, q in (("p50", 0.5), ("p95", 0.95)):
-        pos = (len(v) - 1) * q
-        lo, hi = math.floor(pos), math.ceil(pos)
-        out[name] = round(1000 * (v[lo] + (v[hi] - v[lo]) * (pos - lo)), 2) if v else None
-    return out
 
 
 def _messages(i: int, tasks: list) -> Messages:
@@ -119,9 +100,9 @@ def _summary(samples: list[Sample], wall: float, concurrency: int) -> dict:
             "error_examples": sorted(set(errors))[:3], "tokens": tokens,
             "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
             "mean_completion_tokens": round(tokens / max(1, len(ok)), 1),
-            "ttft_ms": _dist([s.ttft for s in ok]),
-            "itl_ms": _dist([x for s in ok for x in s.itl]),
-            "latency_ms": _dist([s.latency for s in ok])}
+            "ttft_ms": dist([s.ttft for s in ok]),
+            "itl_ms": dist([x for s in ok for x in s.itl]),
+            "latency_ms": dist([s.latency for s in ok])}
 
 
 def _baseline(loaded: LoadedModel, tasks: list, max_new: int, min_new: int,
@@ -151,7 +132,7 @@ def _baseline(loaded: LoadedModel, tasks: list, max_new: int, min_new: int,
     return {"requests": len(latencies), "tokens": tokens, "wall_s": round(wall, 3),
             "tokens_per_s": round(tokens / wall, 1),
             "mean_completion_tokens": round(tokens / len(latencies), 1),
-            "latency_ms": _dist(latencies)}
+            "latency_ms": dist(latencies)}
 
 
 async def _run_levels(gen: GenFn, tasks: list, args: argparse.Namespace) -> list[dict]:
