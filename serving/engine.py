@@ -1,13 +1,13 @@
 """The generation engine: continuous batching over one model, tokens streamed as produced.
 
 One thread owns the model. Each iteration it (1) admits waiting requests while batch slots
-are free and prefills them together (the n alternatives of a request share one prefill,
-its cache rows repeated n times), (2) runs one decode step for every running row, whatever
-request it belongs to, and (3) detokenizes, applies stop rules and hands each request its
-new text. Rows leave the batch the step they finish or their request is cancelled, so a
-slot is free again at once (iteration-level scheduling, Orca/vLLM style). A phase that
-raises is rolled back and run once per request, so one request's bad data fails only that
-request (serving/isolation.py).
+are free (serving/scheduler.py) and prefills them together (the n alternatives of a request
+share one prefill, its cache rows repeated n times; serving/model_step.py), (2) runs one
+decode step for every running row, whatever request it belongs to, and (3) detokenizes,
+applies stop rules and hands each request its new text (serving/rows.py). Rows leave the
+batch the step they finish or their request is cancelled, so a slot is free again at once
+(iteration-level scheduling, Orca/vLLM style). A phase that raises is rolled back and run
+once per request, so one request's bad data fails only that request (serving/isolation.py).
 
 Asyncio callers talk to it through ``submit`` (raises ``QueueFull`` instead of waiting) and
 the returned ``RequestHandle`` (async iterator of event lists; ``cancel``).
@@ -17,30 +17,20 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
 import random
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from math import inf
 from typing import Any
 
 import torch
 
 from serving.adapters import AdapterManager
-from serving.isolation import (
-    Checkpoint,
-    Running,
-    checkpoint,
-    merge,
-    rollback,
-    run_isolated,
-    split_by_request,
-)
-from serving.kvcache import SlotKV
+from serving.batch import Batch
+from serving.isolation import run_isolated
+from serving.model_step import ModelStep
 from serving.requests import (  # also re-exported: callers import them from here
     CONTEXT,
     EOS,
@@ -53,22 +43,16 @@ from serving.requests import (  # also re-exported: callers import them from her
     QueueFull,
     RequestHandle,
     Sampling,
+    deliver,
+    push_threadsafe,
 )
-from serving.sampling import sample_next, uniform
+from serving.rows import Detokenizer, Row
+from serving.scheduler import Scheduler, expire_running
+
+__all__ = ["CONTEXT", "EOS", "MAX_TOKENS", "STOP", "DeadlineExceeded", "Engine", "EngineStats",
+           "EngineStopped", "Event", "QueueFull", "RequestHandle", "Sampling"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Row:
-    """One alternative being decoded."""
-
-    handle: RequestHandle
-    index: int
-    seed: int
-    tokens: list[int] = field(default_factory=list)
-    sent: int = 0  # characters of the decoded text already handed out
-    finish: str | None = None
 
 
 class Engine:
@@ -87,23 +71,24 @@ class Engine:
         self.threads = threads
         self.on_step = on_step
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.device = next(adapters.model.parameters()).device
-        self._waiting: deque[RequestHandle] = deque()
+        self._model_step = ModelStep(adapters, self.eos, self.pad_id)
+        self.device = self._model_step.device
+        self._detok = Detokenizer(tokenizer, self.eos, context_length)
+        self._sched = Scheduler(max_batch_size, max_queue)
         self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self._cond = threading.Condition()
-        self._rows: list[_Row] = []
-        self._kv = SlotKV()
-        self._positions = torch.zeros(0, dtype=torch.long)
-        self._last = torch.zeros(0, dtype=torch.long)
+        self._batch = Batch()
         self._stopping = False
-        self._admitting = 0  # rows taken from the queue but not yet prefilled
         self._thread: threading.Thread | None = None
         self.steps = 0
-        self.tokens_generated = 0
 
     @property
     def model(self) -> torch.nn.Module:
         return self.adapters.model
+
+    @property
+    def tokens_generated(self) -> int:
+        return self._batch.tokens_generated
 
     # -- caller side ---------------------------------------------------------------------
 
@@ -125,7 +110,7 @@ class Engine:
             self._thread.join(timeout)
 
     def stats(self) -> EngineStats:
-        return EngineStats(len(self._rows), len(self._waiting), self.steps,
+        return EngineStats(len(self._batch.rows), len(self._sched.waiting), self.steps,
                            self.tokens_generated)
 
     def submit(self, request_id: str, prompt_ids: list[int], n: int, sampling: Sampling,
@@ -141,37 +126,13 @@ class Engine:
         with self._cond:
             if self._stopping:
                 raise EngineStopped("the engine is shutting down")
-            if self._beyond_free_slots() >= self.max_queue:
-                self._purge_cancelled_waiting()
-            beyond = self._beyond_free_slots()
-            if beyond >= self.max_queue:
-                raise QueueFull(f"{beyond} requests are already waiting for a free batch slot")
+            self._sched.check_room(len(self._batch.rows), self._release)
             adapter = self.adapters.acquire(adapter_version)
             handle = RequestHandle(request_id, n, prompt_ids, sampling, adapter, seeds, loop,
                                    deadline)
-            self._waiting.append(handle)
+            self._sched.waiting.append(handle)
             self._cond.notify_all()
         return handle
-
-    def _beyond_free_slots(self) -> int:
-        """Waiting requests that the next step cannot admit (lock held).
-
-        The queue limit counts these only: requests that fit the batch's free slots are
-        about to run, whether or not the engine thread has taken them yet.
-        """
-        free = self.max_batch_size - len(self._rows) - self._admitting
-        for i, handle in enumerate(self._waiting):
-            if handle.n > free:  # FIFO: it and everything behind it wait
-                return len(self._waiting) - i
-            free -= handle.n
-        return 0
-
-    def _purge_cancelled_waiting(self) -> None:
-        """Drop waiting requests whose callers went away (lock held): they hold no slot."""
-        gone = [h for h in self._waiting if h.cancelled]
-        for handle in gone:
-            self._waiting.remove(handle)
-            self._release(handle)
 
     def call_soon(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         """Run ``fn`` on the engine thread between two steps (e.g. an adapter load)."""
@@ -186,16 +147,18 @@ class Engine:
     def _run(self) -> None:
         if self.threads > 0:
             torch.set_num_threads(self.threads)
+        waiting = self._sched.waiting
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not (self._stopping or self._waiting or self._rows or self._calls):
+                    while not (self._stopping or waiting or self._batch.rows or self._calls):
                         self._cond.wait()
-                    if self._stopping and not self._rows and not self._waiting:
+                    if self._stopping and not self._batch.rows and not waiting:
                         break
                     calls = list(self._calls)
                     self._calls.clear()
-                    admitted = self._take_admissible()
+                    admitted = self._sched.take_admissible(len(self._batch.rows), self._release,
+                                                           push_threadsafe)
                 self._run_calls(calls)
                 try:
                     self._step(admitted)
@@ -203,8 +166,8 @@ class Engine:
                     log.exception("engine step failed; failing the requests in it")
                     self._fail_all(exc, admitted)
                 finally:
-                    self._admitting = 0
-        self._fail_all(EngineStopped("the engine stopped"), list(self._waiting))
+                    self._sched.admitting = 0
+        self._fail_all(EngineStopped("the engine stopped"), list(waiting))
 
     def _run_calls(self, calls: list) -> None:
         for fn, future in calls:
@@ -212,27 +175,6 @@ class Engine:
                 future.set_result(fn())
             except Exception as exc:
                 future.set_exception(exc)
-
-    def _take_admissible(self) -> list[RequestHandle]:
-        """Pop waiting requests, FIFO, while their rows fit in the batch (lock held)."""
-        free = self.max_batch_size - len(self._rows)
-        taken = []
-        while self._waiting:
-            head = self._waiting[0]
-            if head.deadline is not None and time.monotonic() > head.deadline:
-                head.cancel()
-                _push_threadsafe(head, DeadlineExceeded("deadline passed while queued"))
-            if head.cancelled:
-                self._waiting.popleft()
-                self._release(head)
-                continue
-            if head.n > free:
-                break
-            self._waiting.popleft()
-            free -= head.n
-            taken.append(head)
-        self._admitting = sum(h.n for h in taken)
-        return taken
 
     def _step(self, admitted: list[RequestHandle]) -> None:
         """Prefill the admitted requests, then one decode step of every row.
@@ -245,193 +187,56 @@ class Engine:
         if admitted:
             self._isolated(lambda: self._prefill(admitted),
                            lambda: [(h, lambda h=h: self._prefill([h])) for h in admitted])
-            self._retire_finished()
-        self._admitting = 0
-        if self._rows:
-            self._isolated(self._decode, self._decode_parts)
-            self._retire_finished()
+            self._batch.retire_finished(self._release)
+        self._sched.admitting = 0
+        if self._batch.rows:
+            self._isolated(self._decode, lambda: self._batch.parts(self._decode))
+            self._batch.retire_finished(self._release)
         self.steps += 1
         if self.on_step is not None:
             self.on_step(self.stats())
 
-    # -- isolation ---------------------------------------------------------------------
-
-    def _running(self) -> Running:
-        return Running(self._kv, self._rows, self._positions, self._last)
-
-    def _set_running(self, running: Running) -> None:
-        self._kv, self._rows = running.batch, running.rows
-        self._positions, self._last = running.positions, running.last
-
-    def _checkpoint(self) -> Checkpoint:
-        return checkpoint(self._running(), self.tokens_generated)
-
-    def _rollback(self, cp: Checkpoint) -> None:
-        running, self.tokens_generated = rollback(cp)
-        self._set_running(running)
-
-    def _isolated(self, phase: Callable[[], None],
-                  alone: Callable[[], list[tuple[RequestHandle, Callable[[], None]]]]) -> None:
-        run_isolated(phase, alone, self._checkpoint, self._rollback, self._fail_one)
-
-    def _fail_one(self, handle: RequestHandle, exc: Exception) -> None:
-        self._release(handle)
-        _push_threadsafe(handle, exc)
-
-    def _decode_parts(self) -> list[tuple[RequestHandle, Callable[[], None]]]:
-        """One decode step per request, each on its own copy of its cache rows; the parts
-        that succeed are merged back into the running batch."""
-        parts = split_by_request(self._running())
-        self._set_running(self._empty())
-
-        def step(part: Running) -> None:
-            others = self._running()
-            self._set_running(part)
-            try:
-                self._decode()
-                part = self._running()
-            finally:
-                self._set_running(others)
-            self._set_running(merge([others, part], self._empty()))
-
-        return [(h, lambda part=part: step(part)) for h, part in parts]
-
-    def _empty(self) -> Running:
-        return Running(SlotKV(), [], self._positions[:0], self._last[:0])
-
-    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 cache: Any, versions: list[str]) -> tuple[torch.Tensor, Any]:
-        out = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                         position_ids=positions.to(self.device), past_key_values=cache,
-                         use_cache=True, logits_to_keep=1,
-                         **self.adapters.forward_kwargs(versions))
-        return out.logits[:, -1, :], out.past_key_values
-
     def _prefill(self, group: list[RequestHandle]) -> None:
-        """One left-padded forward over the group's prompts, rows repeated n times."""
-        width = max(len(h.prompt_ids) for h in group)
-        ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(group), width), dtype=torch.long)
-        for i, h in enumerate(group):
-            ids[i, width - len(h.prompt_ids):] = torch.tensor(h.prompt_ids)
-            mask[i, width - len(h.prompt_ids):] = 1
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        logits, cache = self._forward(ids, mask, positions, None, [h.adapter for h in group])
-        repeat = torch.tensor([i for i, h in enumerate(group) for _ in range(h.n)])
-        rows = [_Row(h, k, h.seeds[k]) for h in group for k in range(h.n)]
-        first = self._sample(logits.index_select(0, repeat.to(logits.device)), rows)
-        lengths = torch.tensor([len(h.prompt_ids) for h in group]).index_select(0, repeat)
-        self._kv.admit(cache, mask.to(self.device), repeat.to(self.device))
-        self._rows.extend(rows)
-        self._positions = torch.cat([self._positions, lengths])
-        self._last = torch.cat([self._last, first])
+        rows, first, lengths = self._model_step.prefill(group, self._batch.kv)
+        self._batch.join(rows, first, lengths)
         now = time.monotonic()
         for h in group:
             h.first_token_at = now
         self._emit(rows, first.tolist())
 
     def _decode(self) -> None:
-        mask = self._kv.grow()
-        logits, _ = self._forward(self._last[:, None], mask, self._positions[:, None],
-                                  self._kv.cache, [r.handle.adapter for r in self._rows])
-        nxt = self._sample(logits, self._rows)
-        self._positions = self._positions + 1
-        self._last = nxt
-        self._emit(self._rows, nxt.tolist())
+        b = self._batch
+        nxt = self._model_step.decode(b.kv, b.last, b.positions, b.rows)
+        b.advance(nxt)
+        self._emit(b.rows, nxt.tolist())
 
-    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-        params = [r.handle.sampling for r in rows]
-        logits = logits.float().cpu()
-        early = [i for i, r in enumerate(rows) if len(r.tokens) < params[i].min_new_tokens]
-        if early and self.eos:
-            logits[torch.tensor(early)[:, None], torch.tensor(sorted(self.eos))[None, :]] = -inf
-        return sample_next(
-            logits,
-            torch.tensor([p.temperature for p in params]),
-            torch.tensor([p.top_k for p in params]),
-            torch.tensor([p.top_p for p in params]),
-            torch.tensor([uniform(r.seed, len(r.tokens)) for r in rows], dtype=torch.float64))
-
-    # -- per-row bookkeeping -------------------------------------------------------------
-
-    def _emit(self, rows: list[_Row], tokens: list[int]) -> None:
-        """Advance each row by its new token, send text deltas, retire finished rows."""
+    def _emit(self, rows: list[Row], tokens: list[int]) -> None:
+        """Advance each row by its new token and send the text deltas."""
         out: dict[RequestHandle, list[Event]] = {}
-        self.tokens_generated += len(tokens)
+        self._batch.tokens_generated += len(tokens)
         for row, tok in zip(rows, tokens, strict=True):
-            event = self._advance(row, tok)
+            event = self._detok.advance(row, tok)
             if event is not None:
                 out.setdefault(row.handle, []).append(event)
-        self._deliver(out)
+        deliver(out)
 
-    def _advance(self, row: _Row, tok: int) -> Event | None:
-        h, s = row.handle, row.handle.sampling
-        if tok in self.eos:
-            row.finish = EOS
-        else:
-            row.tokens.append(tok)
-            if len(row.tokens) >= s.max_new_tokens:
-                row.finish = MAX_TOKENS
-            elif len(h.prompt_ids) + len(row.tokens) >= self.context_length:
-                row.finish = CONTEXT
-        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
-        if s.stop:
-            cut = min((i for i in (text.find(x, max(0, row.sent - len(x))) for x in s.stop)
-                       if i >= 0), default=-1)
-            if cut >= 0:
-                text, row.finish = text[:cut], STOP
-        if row.finish is None:
-            # Hold back what could still become a stop sequence or an incomplete character.
-            hold = max((len(x) for x in s.stop), default=1) - 1
-            upto = len(text) - hold
-            if text.endswith("\ufffd"):
-                upto = min(upto, len(text) - 1)
-            if upto <= row.sent:
-                return None
-            delta, row.sent = text[row.sent:upto], upto
-            return Event(row.index, delta, len(row.tokens))
-        delta, row.sent = text[row.sent:], len(text)
-        return Event(row.index, delta, len(row.tokens), row.finish)
+    # -- isolation and rows leaving ---------------------------------------------------
 
-    def _deliver(self, out: dict[RequestHandle, list[Event]]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for handle, events in out.items():
-            by_loop.setdefault(handle._loop, []).append((handle, events))
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_push_all, items)
-            except RuntimeError:  # the caller's loop is closed: nobody is listening
-                for handle, _ in items:
-                    handle.cancel()
+    def _isolated(self, phase: Callable[[], None],
+                  alone: Callable[[], list[tuple[RequestHandle, Callable[[], None]]]]) -> None:
+        run_isolated(phase, alone, self._batch.checkpoint, self._batch.rollback,
+                     self._fail_one)
+
+    def _fail_one(self, handle: RequestHandle, exc: Exception) -> None:
+        self._release(handle)
+        push_threadsafe(handle, exc)
 
     def _drop_expired_and_cancelled(self) -> None:
-        now = time.monotonic()
-        for row in self._rows:
-            h = row.handle
-            if h.deadline is not None and now > h.deadline and not h.cancelled:
-                h.cancel()
-                _push_threadsafe(h, DeadlineExceeded("the request's deadline passed"))
-            if h.cancelled and row.finish is None:
+        expire_running([row.handle for row in self._batch.rows], push_threadsafe)
+        for row in self._batch.rows:
+            if row.handle.cancelled and row.finish is None:
                 row.finish = "cancelled"
-        self._retire_finished()
-
-    def _retire_finished(self) -> None:
-        """Finished rows leave (between the step's phases, never inside one that may be
-        rolled back: leaving moves cache rows in place)."""
-        if any(r.finish is not None for r in self._rows):
-            self._retire()
-
-    def _retire(self) -> None:
-        gone = [i for i, r in enumerate(self._rows) if r.finish is not None]
-        for r in self._rows:
-            if r.finish is not None and r.handle.released is False and all(
-                    o.finish is not None for o in self._rows if o.handle is r.handle):
-                self._release(r.handle)
-        order = self._kv.remove(gone)  # the last rows move into the freed slots
-        self._rows = [self._rows[i] for i in order]
-        idx = torch.tensor(order, dtype=torch.long)
-        self._positions = self._positions.index_select(0, idx)
-        self._last = self._last.index_select(0, idx)
+        self._batch.retire_finished(self._release)
 
     def _release(self, handle: RequestHandle) -> None:
         if not handle.released:
@@ -439,19 +244,6 @@ class Engine:
             self.adapters.release(handle.adapter)
 
     def _fail_all(self, exc: BaseException, extra: list[RequestHandle]) -> None:
-        handles = {r.handle for r in self._rows} | set(extra)
-        self._rows, self._kv = [], SlotKV()
-        self._positions, self._last = self._positions[:0], self._last[:0]
-        for h in handles:
+        for h in self._batch.clear() | set(extra):
             self._release(h)
-            _push_threadsafe(h, exc)
-
-
-def _push_threadsafe(handle: RequestHandle, item: BaseException) -> None:
-    with contextlib.suppress(RuntimeError):  # the caller's loop is closed
-        handle._loop.call_soon_threadsafe(handle._push, item)
-
-
-def _push_all(items: list[tuple[RequestHandle, list[Event]]]) -> None:
-    for handle, events in items:
-        handle._push(events)
+            push_threadsafe(h, exc)

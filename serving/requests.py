@@ -7,6 +7,7 @@ asyncio caller iterates it. Kept apart from the decode loop so that both read in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -98,3 +99,28 @@ class RequestHandle:
                 raise item
             self._open -= sum(1 for e in item if e.finish_reason is not None)
             yield item
+
+
+def push_threadsafe(handle: RequestHandle, item: BaseException) -> None:
+    """Hand ``item`` (an error ending the request) to the handle's loop, from any thread."""
+    with contextlib.suppress(RuntimeError):  # the caller's loop is closed
+        handle._loop.call_soon_threadsafe(handle._push, item)
+
+
+def deliver(out: dict[RequestHandle, list[Event]]) -> None:
+    """Hand each request its step's events: one callback per caller loop, from any thread.
+    A request whose loop is closed (nobody is listening) is cancelled."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for handle, events in out.items():
+        by_loop.setdefault(handle._loop, []).append((handle, events))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_push_all, items)
+        except RuntimeError:
+            for handle, _ in items:
+                handle.cancel()
+
+
+def _push_all(items: list[tuple[RequestHandle, list[Event]]]) -> None:
+    for handle, events in items:
+        handle._push(events)
