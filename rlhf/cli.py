@@ -48,13 +48,18 @@ def _resolve_model(prog: str, name: str) -> None:
         raise SystemExit(1) from None
 
 
-def _serve(argv: Sequence[str]) -> int:
-    # Idle OpenMP threads sleep instead of spinning. libgomp reads this once, when torch
-    # loads it, so it is set before anything imports torch. On a shared or busy CPU a
-    # spinning thread takes the core its partner needs to reach the next barrier: measured
-    # here, a 2-thread SmolLM2 decode step took 10x longer spinning than sleeping.
-    # OMP_WAIT_POLICY=ACTIVE in the environment keeps spinning (dedicated cores).
+def _passive_omp() -> None:
+    """Idle OpenMP threads sleep instead of spinning. libgomp reads this once, when torch
+    loads it, so it is set before anything imports torch. On a shared or busy CPU a
+    spinning thread takes the core its partner needs to reach the next barrier: measured
+    here, a 2-thread SmolLM2 decode step took 10x longer spinning than sleeping (serving
+    and the learner share the cores under `rlhf up`). OMP_WAIT_POLICY=ACTIVE in the
+    environment keeps spinning (dedicated cores)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _serve(argv: Sequence[str]) -> int:
+    _passive_omp()
     import asyncio
 
     from serving.config import ServingConfig
@@ -107,6 +112,7 @@ def _models(argv: Sequence[str]) -> int:
 
 
 def _learn(argv: Sequence[str]) -> int:
+    _passive_omp()
     from learner.config import ENV_PREFIX, LearnerConfig
     from learner.main import run
 
@@ -136,6 +142,7 @@ def _simulate(argv: Sequence[str]) -> int:
 
 
 def _bench(argv: Sequence[str]) -> int:
+    _passive_omp()  # the in-process baseline too, as the server it is compared with
     from serving.bench import main
 
     _logging(False)
