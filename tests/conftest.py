@@ -23,6 +23,33 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir: Path):
+    """The tiny model loaded in this process (one per test module: engines may add adapters)."""
+    from rlhf.modeling import load_model
+
+    return load_model(str(tiny_model_dir))
+
+
+def chat_prompt_ids(loaded, text: str) -> list[int]:
+    """Token ids of one user turn through the model's chat template, as serving builds them."""
+    tok = loaded.tokenizer
+    chat = tok.apply_chat_template([{"role": "user", "content": text}],
+                                   add_generation_prompt=True, tokenize=False)
+    return list(tok(chat, add_special_tokens=False)["input_ids"])
+
+
+def terminate(proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited after ``timeout`` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """The tiny starter preset (cached under RLHF_HOME, built once)."""

@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import math
 
-import pytest
 import torch
 
-from rlhf.modeling import load_model
 from serving.adapters import AdapterManager
 from serving.engine import Engine, Sampling
 from serving.sampling import sample_next
+from tests.conftest import chat_prompt_ids
 
 
 def pick(logits, u, temperature=1.0, top_k=0, top_p=1.0) -> int:
@@ -50,21 +49,9 @@ def test_rows_keep_their_own_parameters():
     assert out.tolist() == [2, 0, 0]
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir):
-    return load_model(str(tiny_model_dir))
-
-
-def _prompt(loaded, text: str) -> list[int]:
-    tok = loaded.tokenizer
-    chat = tok.apply_chat_template([{"role": "user", "content": text}],
-                                   add_generation_prompt=True, tokenize=False)
-    return list(tok(chat, add_special_tokens=False)["input_ids"])
-
-
 def test_continuous_batching_matches_one_at_a_time_generate(loaded):
     """Requests of different lengths joining a running batch decode exactly as alone."""
-    prompts = [_prompt(loaded, t) for t in
+    prompts = [chat_prompt_ids(loaded, t) for t in
                ("hi", "What is 12 + 30?", "Reverse these words: red green blue yellow",
                 "Sort these numbers: 9 4 7 1 3 8")]
     steps = 24
@@ -104,7 +91,7 @@ def test_a_cancelled_waiting_request_frees_its_queue_place(loaded):
                     eos_token_ids=loaded.eos_token_ids, context_length=loaded.context_length,
                     max_batch_size=1, max_queue=1, threads=1)
     engine.start()
-    ids = _prompt(loaded, "hi")
+    ids = chat_prompt_ids(loaded, "hi")
     long = Sampling(200, min_new_tokens=200)
 
     async def main() -> str:
@@ -132,7 +119,7 @@ def test_rows_leaving_and_longer_prompts_joining_decode_exactly_as_alone(loaded)
     longer prompts join later; every row still decodes as it would alone, n=2 included."""
     texts = ("hi", "Sort these numbers: 9 4 7 1 3 8 2 6 5", "What is 12 + 30?",
              "Reverse these words: red green blue yellow orange purple black white")
-    prompts = [_prompt(loaded, t) for t in texts]
+    prompts = [chat_prompt_ids(loaded, t) for t in texts]
     lengths = [5, 30, 9, 17]
     expected = []
     for ids, steps in zip(prompts, lengths, strict=True):

@@ -12,28 +12,14 @@ import asyncio
 import dataclasses
 import threading
 
-import pytest
-
-from rlhf.modeling import load_model
 from serving.adapters import AdapterManager
 from serving.engine import Engine, QueueFull, Sampling
+from tests.conftest import chat_prompt_ids
 
 PROMPTS = ("hi", "What is 12 + 30?", "Reverse these words: red green blue yellow",
            "Sort these numbers: 9 4 7 1 3 8")
 HEALTHY = Sampling(20, temperature=1.0, min_new_tokens=20)
 POISON = dataclasses.replace(HEALTHY, top_k=2**63)
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir):
-    return load_model(str(tiny_model_dir))
-
-
-def _prompt(loaded, text: str) -> list[int]:
-    tok = loaded.tokenizer
-    chat = tok.apply_chat_template([{"role": "user", "content": text}],
-                                   add_generation_prompt=True, tokenize=False)
-    return list(tok(chat, add_special_tokens=False)["input_ids"])
 
 
 def _engine(loaded, max_batch_size: int = 16, max_queue: int = 16) -> Engine:
@@ -59,7 +45,7 @@ def _healthy_alone(loaded) -> list[dict[int, str]]:
     async def main() -> list[dict[int, str]]:
         out = []
         for i, text in enumerate(PROMPTS):
-            out.append(await _text(engine.submit(f"h{i}", _prompt(loaded, text), 2,
+            out.append(await _text(engine.submit(f"h{i}", chat_prompt_ids(loaded, text), 2,
                                                  dataclasses.replace(HEALTHY, seed=100 + i))))
         return out
 
@@ -83,10 +69,10 @@ def test_a_poisoned_request_admitted_with_healthy_ones_fails_alone(loaded):
     async def main() -> list:
         handles = []
         for i, text in enumerate(PROMPTS):  # submitted together: one prefill takes them all
-            handles.append(engine.submit(f"h{i}", _prompt(loaded, text), 2,
+            handles.append(engine.submit(f"h{i}", chat_prompt_ids(loaded, text), 2,
                                          dataclasses.replace(HEALTHY, seed=100 + i)))
             if i == 1:
-                handles.append(engine.submit("poison", _prompt(loaded, "hello"), 2, POISON))
+                handles.append(engine.submit("poison", chat_prompt_ids(loaded, "hello"), 2, POISON))
         return await asyncio.gather(*[_outcome(h) for h in handles])
 
     try:
@@ -106,10 +92,10 @@ def test_a_request_that_breaks_mid_stream_fails_alone(loaded):
     engine = _engine(loaded)
 
     async def main() -> tuple[list, object]:
-        healthy = [engine.submit(f"h{i}", _prompt(loaded, text), 2,
+        healthy = [engine.submit(f"h{i}", chat_prompt_ids(loaded, text), 2,
                                  dataclasses.replace(HEALTHY, seed=100 + i))
                    for i, text in enumerate(PROMPTS)]
-        victim = engine.submit("victim", _prompt(loaded, "hello"), 3, HEALTHY)
+        victim = engine.submit("victim", chat_prompt_ids(loaded, "hello"), 3, HEALTHY)
 
         async def break_after_first_event():
             async for _ in victim:
@@ -131,7 +117,7 @@ def test_a_request_that_breaks_mid_stream_fails_alone(loaded):
 
 def _serves(engine: Engine, loaded) -> bool:
     async def one() -> dict[int, str] | BaseException:
-        return await _outcome(engine.submit("after", _prompt(loaded, "hi"), 1, HEALTHY))
+        return await _outcome(engine.submit("after", chat_prompt_ids(loaded, "hi"), 1, HEALTHY))
 
     after = asyncio.run(one())
     return isinstance(after, dict) and bool(after[0])
@@ -160,7 +146,7 @@ def _blocked(engine: Engine) -> threading.Event:
 def test_requests_that_fit_free_slots_are_admitted_whatever_the_queue_limit(loaded):
     """max_queue counts requests waiting for a slot, not those about to take a free one."""
     engine = _engine(loaded, max_batch_size=64, max_queue=8)
-    ids = _prompt(loaded, "hi")
+    ids = chat_prompt_ids(loaded, "hi")
     short = Sampling(2)
 
     async def main() -> tuple[int, str]:
@@ -180,7 +166,7 @@ def test_requests_that_fit_free_slots_are_admitted_whatever_the_queue_limit(load
 
 def test_requests_beyond_the_free_slots_still_meet_the_queue_limit(loaded):
     engine = _engine(loaded, max_batch_size=64, max_queue=8)
-    ids = _prompt(loaded, "hi")
+    ids = chat_prompt_ids(loaded, "hi")
     short = Sampling(2)
 
     async def main() -> str:

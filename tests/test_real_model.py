@@ -35,7 +35,7 @@ from rlhf.model_fetch import downloads_dir
 from rlhf.v1 import feedback_pb2 as fb
 from rlhf.v1 import policy_pb2 as pb
 from rlhf.v1 import policy_pb2_grpc as pbg
-from tests.conftest import ROOT, ServerProcess
+from tests.conftest import ROOT, ServerProcess, terminate
 
 pytestmark = pytest.mark.slow
 
@@ -271,12 +271,7 @@ class LearnProcess:
         self.base = f"http://127.0.0.1:{json.loads(line)['port']}"
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        terminate(self.proc)
 
 
 def test_one_iteration_on_smollm2_goes_live_and_changes_answers(stack, tmp_path: Path):
