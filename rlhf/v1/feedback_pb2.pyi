@@ -30,6 +30,14 @@ class LabelerAuth(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LABELER_AUTH_UI_LOGIN: _ClassVar[LabelerAuth]
     LABELER_AUTH_TOKEN: _ClassVar[LabelerAuth]
     LABELER_AUTH_IMPORT: _ClassVar[LabelerAuth]
+
+class DemonstrationSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DEMONSTRATION_SOURCE_UNSPECIFIED: _ClassVar[DemonstrationSource]
+    DEMONSTRATION_SOURCE_UI: _ClassVar[DemonstrationSource]
+    DEMONSTRATION_SOURCE_API: _ClassVar[DemonstrationSource]
+    DEMONSTRATION_SOURCE_IMPORT: _ClassVar[DemonstrationSource]
+    DEMONSTRATION_SOURCE_COMPARISON: _ClassVar[DemonstrationSource]
 FLAG_UNSPECIFIED: Flag
 FLAG_FAILS_INSTRUCTION: Flag
 FLAG_MADE_UP_FACTS: Flag
@@ -44,6 +52,11 @@ LABELER_AUTH_NONE: LabelerAuth
 LABELER_AUTH_UI_LOGIN: LabelerAuth
 LABELER_AUTH_TOKEN: LabelerAuth
 LABELER_AUTH_IMPORT: LabelerAuth
+DEMONSTRATION_SOURCE_UNSPECIFIED: DemonstrationSource
+DEMONSTRATION_SOURCE_UI: DemonstrationSource
+DEMONSTRATION_SOURCE_API: DemonstrationSource
+DEMONSTRATION_SOURCE_IMPORT: DemonstrationSource
+DEMONSTRATION_SOURCE_COMPARISON: DemonstrationSource
 
 class Candidate(_message.Message):
     __slots__ = ("text", "adapter_version", "sampling", "seed", "position", "rank", "flags", "request_id")
@@ -104,3 +117,31 @@ class SubmitResponse(_message.Message):
     duplicate: bool
     stream_entry_id: str
     def __init__(self, id: _Optional[str] = ..., duplicate: _Optional[bool] = ..., stream_entry_id: _Optional[str] = ...) -> None: ...
+
+class Demonstration(_message.Message):
+    __slots__ = ("id", "labeler_id", "messages", "answer", "source", "comparison_id", "created_at", "received_at", "labeler_auth")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    LABELER_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    COMPARISON_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_AT_FIELD_NUMBER: _ClassVar[int]
+    LABELER_AUTH_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    labeler_id: str
+    messages: _containers.RepeatedCompositeFieldContainer[_policy_pb2.ChatMessage]
+    answer: str
+    source: DemonstrationSource
+    comparison_id: str
+    created_at: _timestamp_pb2.Timestamp
+    received_at: _timestamp_pb2.Timestamp
+    labeler_auth: LabelerAuth
+    def __init__(self, id: _Optional[str] = ..., labeler_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_policy_pb2.ChatMessage, _Mapping]]] = ..., answer: _Optional[str] = ..., source: _Optional[_Union[DemonstrationSource, str]] = ..., comparison_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., labeler_auth: _Optional[_Union[LabelerAuth, str]] = ...) -> None: ...
+
+class SubmitDemonstrationRequest(_message.Message):
+    __slots__ = ("demonstration",)
+    DEMONSTRATION_FIELD_NUMBER: _ClassVar[int]
+    demonstration: Demonstration
+    def __init__(self, demonstration: _Optional[_Union[Demonstration, _Mapping]] = ...) -> None: ...

@@ -39,6 +39,11 @@ class FeedbackStub:
                 request_serializer=rlhf_dot_v1_dot_feedback__pb2.SubmitRequest.SerializeToString,
                 response_deserializer=rlhf_dot_v1_dot_feedback__pb2.SubmitResponse.FromString,
                 _registered_method=True)
+        self.SubmitDemonstration = channel.unary_unary(
+                '/rlhf.v1.Feedback/SubmitDemonstration',
+                request_serializer=rlhf_dot_v1_dot_feedback__pb2.SubmitDemonstrationRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_feedback__pb2.SubmitResponse.FromString,
+                _registered_method=True)
 
 
 class FeedbackServicer:
@@ -50,12 +55,26 @@ class FeedbackServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitDemonstration(self, request, context):
+        """A demonstration: the answer a labeler wants for a conversation (the data of
+        the recipe's supervised step). Same idempotency, errors and labeler binding
+        as Submit; also POST /v1/feedback/demonstrations on the HTTP port.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeedbackServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Submit': grpc.unary_unary_rpc_method_handler(
                     servicer.Submit,
                     request_deserializer=rlhf_dot_v1_dot_feedback__pb2.SubmitRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_feedback__pb2.SubmitResponse.SerializeToString,
+            ),
+            'SubmitDemonstration': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitDemonstration,
+                    request_deserializer=rlhf_dot_v1_dot_feedback__pb2.SubmitDemonstrationRequest.FromString,
                     response_serializer=rlhf_dot_v1_dot_feedback__pb2.SubmitResponse.SerializeToString,
             ),
     }
@@ -85,6 +104,33 @@ class Feedback:
             target,
             '/rlhf.v1.Feedback/Submit',
             rlhf_dot_v1_dot_feedback__pb2.SubmitRequest.SerializeToString,
+            rlhf_dot_v1_dot_feedback__pb2.SubmitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitDemonstration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.Feedback/SubmitDemonstration',
+            rlhf_dot_v1_dot_feedback__pb2.SubmitDemonstrationRequest.SerializeToString,
             rlhf_dot_v1_dot_feedback__pb2.SubmitResponse.FromString,
             options,
             channel_credentials,
