@@ -155,7 +155,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "ui": (_ui, "run the ranking UI (Gradio) against a running serve"),
     "starter-model": (_starter, "build (or reuse) the built-in starter model; prints its path"),
     "codegen": (_codegen, "regenerate the Python stubs of proto/"),
-    "data": (_data, "export the comparisons stream as JSONL; import chosen/rejected pairs"),
+    "data": (_data, "export/import comparisons (chosen/rejected pairs) and demonstrations"),
     "models": (_models, "named base models: list, pull (fetch + convert once, cached)"),
     "adapters": (_adapters, "list, show, promote or roll back adapter versions (registry)"),
     "learn": (_learn, "run the learner (RM + PPO iterations) with its admin HTTP API"),
