@@ -135,7 +135,7 @@ def _up(argv: Sequence[str]) -> int:
 
 
 def _simulate(argv: Sequence[str]) -> int:
-    from ui.simulate import main
+    from bench.simulate import main
 
     _logging(False)
     return main(list(argv), prog="rlhf simulate")
@@ -143,7 +143,7 @@ def _simulate(argv: Sequence[str]) -> int:
 
 def _bench(argv: Sequence[str]) -> int:
     _passive_omp()  # the in-process baseline too, as the server it is compared with
-    from serving.bench import main
+    from bench.serving import main
 
     _logging(False)
     return main(list(argv))

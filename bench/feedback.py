@@ -5,7 +5,7 @@ Starts a private redis-server (AOF on, appendfsync everysec, as deploy/redis.con
   (a) C concurrent gRPC clients (grpc.aio, one channel each) submit valid K = 4 comparisons
       back to back for a fixed time: accepted/s, latency, errors, and a check that the
       stream grew by exactly the number accepted (and the id index with it);
-  (b) simulated labelers drive the UI's backend in their own process (``ui.simulate``:
+  (b) simulated labelers drive the UI's backend in their own process (``bench.simulate``:
       ui.client + ui.logic, as the Gradio handlers do): generate a K = 4 turn, rank it,
       submit; turns done, errors, records stored, checked against the stream.
 Prints one JSON document.
@@ -33,7 +33,7 @@ from rlhf.local_redis import private_redis
 from rlhf.v1 import feedback_pb2 as fb
 from rlhf.v1 import feedback_pb2_grpc as fbg
 from rlhf.v1 import policy_pb2 as pb
-from serving.benchkit import serve_child, write_report
+from bench.kit.children import serve_child, write_report
 
 log = logging.getLogger(__name__)
 TARGET_PER_S = 2000.0
@@ -102,7 +102,7 @@ def _stream_check(r: redis.Redis, before: tuple[int, int], expected: int) -> dic
 
 
 def _labelers(target: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, "-m", "ui.simulate", "--target", target, "--labelers",
+    cmd = [sys.executable, "-m", "bench.simulate", "--target", target, "--labelers",
            str(args.labelers), "--seconds", str(args.labeler_seconds), "--k", str(args.k),
            "--max-new-tokens", str(args.max_new_tokens), "--preference", "length"]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True,

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from rlhf.modeling import resolve_model_name
 from rlhf.starter_data import make_tasks
-from serving.benchkit import stop_process, write_report
-from serving.openai_load import DEFINITIONS, Shape, ratios, run_level, wait_ready
+from bench.kit.children import stop_process, write_report
+from bench.openai_load import DEFINITIONS, Shape, ratios, run_level, wait_ready
 
 log = logging.getLogger(__name__)
 

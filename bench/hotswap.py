@@ -26,8 +26,8 @@ from rlhf import adapter_store as store
 from rlhf.modeling import load_model
 from rlhf.v1 import policy_pb2 as pb
 from rlhf.v1 import policy_pb2_grpc as pbg
-from serving.benchkit import serve_child, write_report
-from serving.feedback_bench import _pct, _redis, _resolve_model
+from bench.kit.children import serve_child, write_report
+from bench.feedback import _pct, _redis, _resolve_model
 
 
 class _Publisher:

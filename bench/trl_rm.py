@@ -1,6 +1,6 @@
 """RM training: our K-wise batching vs TRL's ``RewardTrainer`` on the same data as pairs.
 
-Data: the K = 4 synthetic comparisons of ``learner.rm_bench`` (train and held-out sets from
+Data: the K = 4 synthetic comparisons of ``bench.rm`` (train and held-out sets from
 different seeds). Ours trains on them K-wise (every candidate forwarded once per step,
 InstructGPT); TRL trains on every comparison expanded into its C(4,2) = 6 (chosen, rejected)
 pairs, shuffled across prompts by its sampler (each candidate forwarded 3 times per epoch).
@@ -10,7 +10,7 @@ template + answer + EOS; the score is read at the EOS on both sides).
 
 Held-out accuracy: the same K = 4 comparisons, scored by each trained model, pair accuracy
 (r_win > r_lose over all untied pairs) from the same ``kwise_rm_loss`` stats on both sides.
-TRL is imported inside the functions only (see ``learner.trl_bench``).
+TRL is imported inside the functions only (see ``bench.trl``).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from learner.reward_model import (
     encode_comparison,
     train_reward_model,
 )
-from learner.rm_bench import expand_pairs, synthetic_k4
-from learner.trl_bench import summarize
+from bench.rm import expand_pairs, synthetic_k4
+from bench.trl import summarize
 from rlhf.modeling import load_model
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ ranking UI, they submit through serving's UI service token (``--auth-token`` or
 (``sim-NN``); against a serving with no credentials configured no token is needed. Prints
 one JSON document (per adapter version: candidates seen, their mean utility under the
 preference and, on starter tasks, the share correct). ``rlhf bench feedback`` runs it as
-``python -m ui.simulate``.
+``python -m bench.simulate``.
 """
 
 from __future__ import annotations
@@ -304,7 +304,7 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m ui.simulate") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m bench.simulate") -> int:
     """Run, print the JSON summary; exit 1 when not a single comparison was stored."""
     report = run(parse_args(argv, prog))
     sys.stdout.write(json.dumps(report) + "\n")

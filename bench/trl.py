@@ -1,8 +1,8 @@
 """Our trainers against TRL's, side by side in one process (issue #4): prints JSON.
 
     bash deploy/bench-env.sh                       # once: .venv-trl with trl==1.12.0
-    .venv-trl/bin/python -m learner.trl_bench rm   # K-wise RM vs TRL RewardTrainer on pairs
-    .venv-trl/bin/python -m learner.trl_bench ppo  # LoRA-PPO vs trl.experimental.ppo
+    .venv-trl/bin/python -m bench.trl rm   # K-wise RM vs TRL RewardTrainer on pairs
+    .venv-trl/bin/python -m bench.trl ppo  # LoRA-PPO vs trl.experimental.ppo
 
 TRL is not a dependency of the project: it is imported lazily, only by ``trl_rm_bench`` and
 ``trl_ppo_bench`` and only inside their functions, so the main venv (and pytest collection)
@@ -57,7 +57,7 @@ def summarize(values: Sequence[float]) -> dict:
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m learner.trl_bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.trl", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("which", choices=["rm", "ppo"])
     p.add_argument("--model", default="", help="a name of `rlhf models list`, a directory or "
@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         sys.stderr.write(f"trl_bench: {', '.join(missing)} not installed here (not project "
                          "dependencies): run `bash deploy/bench-env.sh`, then "
-                         "`.venv-trl/bin/python -m learner.trl_bench ...`\n")
+                         "`.venv-trl/bin/python -m bench.trl ...`\n")
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -101,9 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_dir = resolve_model_name(args.model)
     start = time.perf_counter()
     if args.which == "rm":
-        from learner.trl_rm_bench import run
+        from bench.trl_rm import run
     else:
-        from learner.trl_ppo_bench import run
+        from bench.trl_ppo import run
     with contextlib.redirect_stdout(sys.stderr):  # Trainer's log printer writes to stdout
         results = run(args, model_dir)
     report = {"benchmark": args.which, "model": model_dir, "machine": machine(args.threads),

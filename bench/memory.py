@@ -1,4 +1,4 @@
-"""Learner memory bench: ``python -m learner.memory_bench`` prints JSON.
+"""Learner memory bench: ``python -m bench.memory`` prints JSON.
 
 The claim (docs/design.md §3): policy, reference, reward model and value function share ONE frozen
 base in memory (LoRA adapters + small heads on top), so an iteration's peak stays a small
@@ -38,7 +38,7 @@ import redis
 import torch
 
 from learner.config import LearnerConfig
-from learner.efficacy import label
+from bench.efficacy_loop import label
 from learner.iteration import Learner, Progress
 from rlhf import comparisons, settings
 from rlhf.gold import gold_tasks
@@ -213,7 +213,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m learner.memory_bench",
+    p = argparse.ArgumentParser(prog="python -m bench.memory",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--model", default="", help="a name of `rlhf models list`, a directory or "
                    "a hub id; default: the starter")

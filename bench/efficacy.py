@@ -1,6 +1,6 @@
-"""Efficacy bench: ``python -m learner.efficacy_bench [--preferences a,b] [learner flags]``.
+"""Efficacy bench: ``python -m bench.efficacy [--preferences a,b] [learner flags]``.
 
-Runs ``learner.efficacy`` (simulated labelers with a hidden preference rank the policy's own
+Runs ``bench.efficacy_loop`` (simulated labelers with a hidden preference rank the policy's own
 samples; real Redis stream, real ``Learner.run`` iterations) once per arm: one arm per
 preference (``rlhf.preferences``), and with ``--ptx-ablation`` each preference twice, ptx off
 and on (InstructGPT's PPO vs PPO-ptx). The learner runs with its SHIPPED defaults
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from learner.config import LearnerConfig
-from learner.efficacy import EfficacyConfig, run_efficacy
+from bench.efficacy_loop import EfficacyConfig, run_efficacy
 from rlhf import preferences, settings
 from rlhf.local_redis import private_redis
 from rlhf.modeling import load_model, resolve_model_name
@@ -111,7 +111,7 @@ def plot(arms: dict[str, dict], path: Path, title: str) -> None:
 
 
 def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, dict]:
-    p = argparse.ArgumentParser(prog="python -m learner.efficacy_bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.efficacy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Any other flag is an `rlhf learn` knob (see "
                                        "`rlhf learn --help`), e.g. --rm-lr 3e-3.")

@@ -23,8 +23,8 @@ import torch
 
 from rlhf.modeling import LoadedModel, load_model, resolve_model_name
 from rlhf.starter_data import make_tasks
-from serving.benchkit import serve_child, write_report
-from serving.openai_load import Sample, dist
+from bench.kit.children import serve_child, write_report
+from bench.openai_load import Sample, dist
 
 log = logging.getLogger(__name__)
 
@@ -242,15 +242,15 @@ def _min_new(args: argparse.Namespace) -> int:
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["serving"] and any(a.split("=")[0] == "--against" for a in argv):
-        from serving.vllm_bench import main as against_main  # its own flags: --help
+        from bench.vllm import main as against_main  # its own flags: --help
 
         return against_main(argv[1:])
     if argv[:1] == ["feedback"]:  # its own flags: rlhf bench feedback --help
-        from serving.feedback_bench import main as feedback_main
+        from bench.feedback import main as feedback_main
 
         return feedback_main(argv[1:])
     if argv[:1] == ["hotswap"]:  # its own flags: rlhf bench hotswap --help
-        from serving.hotswap_bench import main as hotswap_main
+        from bench.hotswap import main as hotswap_main
 
         return hotswap_main(argv[1:])
     args = _parse(argv)

@@ -33,7 +33,7 @@ from peft import LoraConfig
 
 from learner.ppo import PPOConfig, make_ppo_state, ppo_step
 from learner.reward_model import RewardModel, RMConfig
-from learner.trl_bench import summarize
+from bench.trl import summarize
 from rlhf.modeling import load_model
 from rlhf.starter_data import make_tasks
 

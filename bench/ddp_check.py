@@ -1,7 +1,7 @@
 """Data-parallel smoke check: the RM phase and PPO steps under ``torchrun`` (gloo or NCCL).
 
-    torchrun --standalone --nproc_per_node=2 -m learner.ddp_check --model DIR --out DIR
-    python -m learner.ddp_check --model DIR --out DIR     # the single-process reference
+    torchrun --standalone --nproc_per_node=2 -m bench.ddp_check --model DIR --out DIR
+    python -m bench.ddp_check --model DIR --out DIR     # the single-process reference
 
 Phases, each ending in a snapshot ``OUT/rank{r}_{name}.pt`` of every trained tensor (the rm and
 policy LoRA, RM head and bias, value head) plus metrics:
