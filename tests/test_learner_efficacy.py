@@ -19,8 +19,8 @@ import pytest
 import redis
 import torch
 
-from learner.config import LearnerConfig
 from bench.efficacy_loop import EfficacyConfig, run_efficacy
+from learner.config import LearnerConfig
 from rlhf.modeling import load_model
 from rlhf.settings import from_flat
 
