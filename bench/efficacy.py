@@ -1,4 +1,4 @@
-"""Efficacy bench: ``python -m bench.efficacy [--preferences a,b] [learner flags]``.
+"""Efficacy bench: ``rlhf bench efficacy [--preferences a,b] [learner flags]``.
 
 Runs ``bench.efficacy_loop`` (simulated labelers with a hidden preference rank the policy's own
 samples; real Redis stream, real ``Learner.run`` iterations) once per arm: one arm per

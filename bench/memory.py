@@ -1,4 +1,4 @@
-"""Learner memory bench: ``python -m bench.memory`` prints JSON.
+"""Learner memory bench: ``rlhf bench memory`` prints JSON.
 
 The claim (docs/design.md §3): policy, reference, reward model and value function share ONE frozen
 base in memory (LoRA adapters + small heads on top), so an iteration's peak stays a small
@@ -198,7 +198,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.memory",
+    p = argparse.ArgumentParser(prog="rlhf bench memory",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--model", default="", help="a name of `rlhf models list`, a directory or "
                    "a hub id; default: the starter")

@@ -1,4 +1,4 @@
-"""Reward-model bench: ``python -m bench.rm [--hh-limit N] ...`` prints JSON.
+"""Reward-model bench: ``rlhf bench rm [--hh-limit N] ...`` prints JSON.
 
 (a) Real human preferences: Anthropic HH-RLHF harmless-base test pairs (parsed with
     ``rlhf.data``; the texts are offensive by design and are never printed), split by line
@@ -97,7 +97,7 @@ def bench_kwise_vs_pairwise(args: argparse.Namespace, model_dir: str) -> dict:
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.rm", description=__doc__)
+    p = argparse.ArgumentParser(prog="rlhf bench rm", description=__doc__)
     p.add_argument("--model", default="", help="a name of `rlhf models list`, a directory or "
                    "a hub id; default: the starter")
     p.add_argument("--hh-path", default=HH_PATH)

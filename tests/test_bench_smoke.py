@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.serving import main
+from bench.cli import main
 
 
 @pytest.mark.bench
