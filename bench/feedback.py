@@ -27,7 +27,7 @@ import redis
 from bench import simulate
 from bench.kit.children import resolve_model, serve_child
 from bench.kit.records import wire_comparison
-from bench.kit.report import machine, server_flags, write_report
+from bench.kit.report import machine, run_and_report, server_flags
 from bench.kit.stats import check_target, percentiles
 from rlhf.comparisons import ID_INDEX, STREAM
 from rlhf.local_redis import private_redis
@@ -127,11 +127,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--labelers", type=int, default=16, help="simulated labelers in (b); 0 = skip")
     p.add_argument("--labeler-seconds", type=float, default=15.0, help="duration of (b)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="per alternative in (b)")
-    server_flags(p)
-    return p.parse_args(argv)
+    return server_flags(p).parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
-    args = _parse(argv)
-    write_report(run(args), args.out)
-    return 0
+    return run_and_report(run, _parse(argv))

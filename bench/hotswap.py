@@ -23,7 +23,7 @@ import redis
 import torch
 
 from bench.kit.children import resolve_model, serve_child
-from bench.kit.report import server_flags, write_report
+from bench.kit.report import run_and_report, server_flags
 from bench.kit.stats import check_target, percentiles
 from rlhf import adapter_store as store
 from rlhf.local_redis import private_redis
@@ -150,11 +150,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steady-s", type=float, default=8.0)
     p.add_argument("--warmup-s", type=float, default=3.0)
     p.add_argument("--poll-s", type=float, default=0.5, help="server's --registry-poll-s")
-    server_flags(p)
-    return p.parse_args(argv)
+    return server_flags(p).parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
-    args = _parse(argv)
-    write_report(run(args), args.out)
-    return 0
+    return run_and_report(run, _parse(argv))

@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 
 from rlhf import preferences
+from rlhf.data import untied_pairs
 from rlhf.gold import gold_tasks
 from rlhf.preferences import Item
 from rlhf.starter_data import ANSWER_STYLES, make_tasks, render_answer
@@ -88,17 +89,12 @@ def expand_pairs(comparisons: Sequence[fb.Comparison]) -> list[fb.Comparison]:
     """Every untied pair of every comparison as its own K = 2 comparison (the pairwise form)."""
     out = []
     for c in comparisons:
-        cands = list(c.candidates)
-        for i, a in enumerate(cands):
-            for b in cands[i + 1:]:
-                if a.rank == b.rank:
-                    continue
-                win, lose = (a, b) if a.rank < b.rank else (b, a)
-                pair = fb.Comparison(id=f"{c.id}-{len(out):06d}", labeler_id=c.labeler_id,
-                                     messages=c.messages)
-                pair.candidates.add(text=win.text, rank=1, position=0)
-                pair.candidates.add(text=lose.text, rank=2, position=1)
-                out.append(pair)
+        for win, lose in untied_pairs(c):
+            pair = fb.Comparison(id=f"{c.id}-{len(out):06d}", labeler_id=c.labeler_id,
+                                 messages=c.messages)
+            pair.candidates.add(text=win.text, rank=1, position=0)
+            pair.candidates.add(text=lose.text, rank=2, position=1)
+            out.append(pair)
     return out
 
 

@@ -9,7 +9,7 @@ import json
 import os
 import platform
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 _IMPORT_NAMES = {"grpcio": "grpc"}  # distribution -> module, where they differ
@@ -23,12 +23,19 @@ def write_report(report: dict, out: str | None = None) -> None:
     sys.stdout.write(text + "\n")
 
 
-def server_flags(p: argparse.ArgumentParser) -> None:
+def run_and_report(run: Callable[[argparse.Namespace], dict], args: argparse.Namespace) -> int:
+    """``run(args)``'s report on stdout and in ``args.out``; exit code 0."""
+    write_report(run(args), args.out)
+    return 0
+
+
+def server_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """--model, --threads and --out, as the benchmarks of a `rlhf serve` child read them."""
     p.add_argument("--model", default="", help="a name of `rlhf models list` (tiny = "
                    "starter-tiny), a directory or a hub id; default: the starter")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server")
     p.add_argument("--out", help="also write the JSON here")
+    return p
 
 
 def machine(*libraries: str, **extra: object) -> dict:
