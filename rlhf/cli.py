@@ -135,7 +135,7 @@ def _up(argv: Sequence[str]) -> int:
 
 
 def _simulate(argv: Sequence[str]) -> int:
-    from ui.simulate import main
+    from bench.simulate import main
 
     _logging(False)
     return main(list(argv), prog="rlhf simulate")
@@ -143,7 +143,7 @@ def _simulate(argv: Sequence[str]) -> int:
 
 def _bench(argv: Sequence[str]) -> int:
     _passive_omp()  # the in-process baseline too, as the server it is compared with
-    from serving.bench import main
+    from bench.cli import main
 
     _logging(False)
     return main(list(argv))
@@ -161,7 +161,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "learn": (_learn, "run the learner (RM + PPO iterations) with its admin HTTP API"),
     "learner": (_learner_client, "trigger / status / history of a running learner (JSON)"),
     "simulate": (_simulate, "simulated labelers chat and rank by the gold preference (JSON)"),
-    "bench": (_bench, "benchmarks that print JSON (rlhf bench serving|feedback|hotswap)"),
+    "bench": (_bench, "benchmarks that print JSON (rlhf bench SUITE; `rlhf bench` lists them)"),
 }
 
 

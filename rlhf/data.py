@@ -148,23 +148,23 @@ def record_json(record: fb.Comparison) -> dict:
     return json_format.MessageToDict(record, preserving_proto_field_name=True)
 
 
-def preference_pairs(record: fb.Comparison) -> list[dict]:
-    """TRL preference pairs: one per pair of candidates with different ranks (C(K,2) minus
-    ties), the better one as "chosen"; margin = rank of the worse - rank of the better."""
-    prompt = [{"role": m.role, "content": m.content} for m in record.messages]
-    pairs = []
+def untied_pairs(record: fb.Comparison) -> list[tuple[fb.Candidate, fb.Candidate]]:
+    """(better, worse) for every pair of candidates with different ranks (C(K,2) minus ties),
+    in candidate order."""
     cands = list(record.candidates)
-    for i, a in enumerate(cands):
-        for b in cands[i + 1:]:
-            if a.rank == b.rank:
-                continue
-            win, lose = (a, b) if a.rank < b.rank else (b, a)
-            pairs.append({"prompt": prompt,
-                          "chosen": [{"role": "assistant", "content": win.text}],
-                          "rejected": [{"role": "assistant", "content": lose.text}],
-                          "comparison_id": record.id, "labeler_id": record.labeler_id,
-                          "margin": lose.rank - win.rank})
-    return pairs
+    return [(a, b) if a.rank < b.rank else (b, a)
+            for i, a in enumerate(cands) for b in cands[i + 1:] if a.rank != b.rank]
+
+
+def preference_pairs(record: fb.Comparison) -> list[dict]:
+    """TRL preference pairs: one per untied pair of candidates, the better one as "chosen";
+    margin = rank of the worse - rank of the better."""
+    prompt = [{"role": m.role, "content": m.content} for m in record.messages]
+    return [{"prompt": prompt, "chosen": [{"role": "assistant", "content": win.text}],
+             "rejected": [{"role": "assistant", "content": lose.text}],
+             "comparison_id": record.id, "labeler_id": record.labeler_id,
+             "margin": lose.rank - win.rank}
+            for win, lose in untied_pairs(record)]
 
 
 # -- files and Redis -------------------------------------------------------------------------
