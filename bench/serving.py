@@ -22,6 +22,7 @@ import torch
 from bench.kit.children import serve_child
 from bench.kit.report import machine, write_report
 from bench.kit.stats import Sample, check_target, level_summary, percentiles
+from rlhf.chat import chat_ids
 from rlhf.modeling import LoadedModel, load_model, resolve_model_name
 from rlhf.starter_data import make_tasks
 
@@ -52,9 +53,7 @@ def _messages(i: int, tasks: list) -> Messages:
 
 
 def _encode(tokenizer: Any, messages: Messages) -> list[int]:
-    text = tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages],
-                                         add_generation_prompt=True, tokenize=False)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return chat_ids(tokenizer, messages)
 
 
 async def _one(gen: GenFn, messages: Messages, seed: int) -> Sample:

@@ -34,6 +34,7 @@ from peft import LoraConfig
 from bench.kit.stats import ratio_spread, spread_runs
 from learner.ppo import PPOConfig, make_ppo_state, ppo_step
 from learner.reward_model import RewardModel, RMConfig
+from rlhf.chat import chat_ids, user_turn
 from rlhf.modeling import load_model
 from rlhf.starter_data import make_tasks
 
@@ -77,9 +78,7 @@ def prompts(n: int, seed: int) -> list[str]:
 def query_ids(tok, prompt: str) -> list[int]:
     """The prompt as our rollouts encode it: one user turn through the chat template, ready
     for the assistant's answer, no extra special tokens."""
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}],
-                                   add_generation_prompt=True, tokenize=False)
-    return list(tok(text, add_special_tokens=False)["input_ids"])
+    return chat_ids(tok, user_turn(prompt))
 
 
 def _rates(wall: list[float], cpu: list[float], batch: int) -> dict:

@@ -19,12 +19,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from torch import Tensor, nn
 
 from learner import distributed as dd
 from learner.advantages import gae, kl_penalized_rewards
 from learner.kl_control import AdaptiveKL, FixedKL
+from learner.lora import add_adapter, copy_adapter, lora_config
 from learner.losses import (
     entropy_from_logits,
     explained_variance,
@@ -34,6 +35,7 @@ from learner.losses import (
     value_loss,
 )
 from learner.reward_model import RewardModel
+from rlhf.chat import chat_ids, user_turn
 from rlhf.settings import setting as _f
 
 log = logging.getLogger(__name__)
@@ -130,22 +132,10 @@ def _add_policy_adapter(base: nn.Module, cfg: PPOConfig, ref_adapter: str | None
     if ref_adapter is not None:
         lora = base.peft_config[ref_adapter]
     else:
-        names = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
-        targets = [t for t in ("q_proj", "k_proj", "v_proj", "o_proj") if t in names] or None
-        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, lora_dropout=0.0,
-                          target_modules=targets, bias="none")
-    if isinstance(base, PeftModel):
-        base.add_adapter(POLICY, lora)
-        peft = base
-    else:
-        base.requires_grad_(False)
-        peft = get_peft_model(base, lora, adapter_name=POLICY)
+        lora = lora_config(base, cfg.lora_rank)
+    peft = add_adapter(base, POLICY, lora)
     if ref_adapter is not None:
-        params = dict(peft.named_parameters())
-        with torch.no_grad():
-            for name, p in params.items():
-                if f".{POLICY}." in name:
-                    p.copy_(params[name.replace(f".{POLICY}.", f".{ref_adapter}.")])
+        copy_adapter(peft, ref_adapter, POLICY)
     return peft
 
 
@@ -237,9 +227,7 @@ def _pad(rows: list[list[int]], pad: int, left: bool, device: torch.device
 
 
 def _query_ids(tokenizer, prompt: str) -> list[int]:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                         add_generation_prompt=True, tokenize=False)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return chat_ids(tokenizer, user_turn(prompt))
 
 
 @torch.no_grad()

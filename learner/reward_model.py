@@ -25,11 +25,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from torch import Tensor, nn
 
 from learner import distributed as dd
+from learner.lora import add_adapter, lora_config
 from learner.losses import kwise_rm_loss
+from rlhf.chat import chat_ids
 from rlhf.settings import setting as _f
 from rlhf.v1.feedback_pb2 import Comparison
 
@@ -80,17 +82,7 @@ class RMConfig:
 
 def _attach_adapter(base: nn.Module, cfg: RMConfig) -> PeftModel:
     """Add the "rm" LoRA to ``base`` in place (a PeftModel gains one more adapter)."""
-    names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
-    targets = [t for t in cfg.lora_targets if t in names] or None
-    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, lora_dropout=0.0,
-                      target_modules=targets, bias="none")
-    if isinstance(base, PeftModel):
-        if ADAPTER in base.peft_config:
-            raise ValueError(f"the base already has an adapter named {ADAPTER!r}")
-        base.add_adapter(ADAPTER, lora)
-        return base
-    base.requires_grad_(False)
-    return get_peft_model(base, lora, adapter_name=ADAPTER)
+    return add_adapter(base, ADAPTER, lora_config(base, cfg.lora_rank, cfg.lora_targets))
 
 
 class RewardModel(nn.Module):
@@ -153,10 +145,7 @@ class Encoded:
 
 def prompt_ids(tokenizer, messages: Sequence) -> list[int]:
     """Messages (protobuf ChatMessage or dicts) through the chat template, ready to answer."""
-    chat = [m if isinstance(m, dict) else {"role": m.role, "content": m.content}
-            for m in messages]
-    text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return chat_ids(tokenizer, messages)
 
 
 def join_row(prompt: list[int], completion: list[int], eos: int, max_length: int) -> list[int]:

@@ -10,6 +10,7 @@ import torch
 
 from learner.ppo import PPOConfig
 from learner.reward_model import Encoded, RewardModel, RMConfig, collate, encode_sample, prompt_ids
+from rlhf.chat import chat_ids, user_turn
 
 
 @torch.no_grad()
@@ -26,10 +27,9 @@ def sample(rm: RewardModel, tok, cfg: PPOConfig, prompts: Sequence[str], seed: i
     out: list[str] = []
     try:
         for start in range(0, len(prompts), batch):
-            texts = [tok.apply_chat_template([{"role": "user", "content": p}],
-                                             add_generation_prompt=True, tokenize=False)
-                     for p in prompts[start:start + batch]]
-            enc = tok(texts, add_special_tokens=False, return_tensors="pt", padding=True)
+            rows = [{"input_ids": chat_ids(tok, user_turn(p))}
+                    for p in prompts[start:start + batch]]
+            enc = tok.pad(rows, padding=True, return_tensors="pt")
             enc = enc.to(rm.device)
             with nullcontext() if adapter is not None else peft.disable_adapter():
                 ids = peft.generate(**enc, do_sample=True, temperature=cfg.temperature,
@@ -41,10 +41,11 @@ def sample(rm: RewardModel, tok, cfg: PPOConfig, prompts: Sequence[str], seed: i
     return out
 
 
-def reference_samples(rm: RewardModel, tok, cfg: PPOConfig, prompts: Sequence[str], seed: int
-                      ) -> list[tuple[str, str]]:
-    """(prompt, sample) of the reference policy: the base with every adapter off."""
-    return list(zip(prompts, sample(rm, tok, cfg, prompts, seed), strict=True))
+def reference_samples(rm: RewardModel, tok, cfg: PPOConfig, prompts: Sequence[str], seed: int,
+                      adapter: str | None = None) -> list[tuple[str, str]]:
+    """(prompt, sample) of the reference policy: the base with every adapter off, or the
+    frozen reference adapter PPO's KL is measured to (the SFT adapter once there is one)."""
+    return list(zip(prompts, sample(rm, tok, cfg, prompts, seed, adapter), strict=True))
 
 
 @torch.no_grad()
@@ -52,7 +53,7 @@ def rm_scores(rm: RewardModel, tok, cfg: RMConfig, pairs: Sequence[tuple[str, st
               ) -> torch.Tensor:
     """RM scores [N] of (prompt, response) pairs, tokenized as the RM trained."""
     length = min(cfg.max_length, rm.context_length)
-    rows = [Encoded((encode_sample(tok, prompt_ids(tok, [{"role": "user", "content": p}]),
+    rows = [Encoded((encode_sample(tok, prompt_ids(tok, user_turn(p)),
                                    text, length),), (1,)) for p, text in pairs]
     ids, mask, _, _ = collate(rows, tok.pad_token_id, rm.device)
     return rm.score(ids, mask).float().cpu()

@@ -22,6 +22,7 @@ import zipfile
 from pathlib import Path
 
 from rlhf.adapter_store import fsync_path, sha256_file
+from rlhf.chat import chat_ids, user_turn
 from rlhf.models import ModelFetchError, NamedModel, WheelGGUF
 
 log = logging.getLogger(__name__)
@@ -146,9 +147,7 @@ def _check_round_trip(model, tok, out: Path) -> float:
 
     start = time.perf_counter()
     saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    text = tok.apply_chat_template([{"role": "user", "content": CHECK_PROMPT}],
-                                   add_generation_prompt=True, tokenize=False)
-    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    ids = torch.tensor([chat_ids(tok, user_turn(CHECK_PROMPT))])
     with torch.no_grad():
         diff = (saved(ids).logits - model(ids).logits).abs().max().item()
     if diff > 1e-4:

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+from rlhf.chat import chat_ids
 from rlhf.contract import (
     MAX_TEMPERATURE,
     MAX_TOP_K,
@@ -285,15 +286,12 @@ class PolicyService:
         tok = model.tokenizer
         if has_messages:
             try:
-                text = tok.apply_chat_template(
-                    [{"role": r, "content": c} for r, c in req.messages or ()],
-                    add_generation_prompt=True, tokenize=False)
+                ids = chat_ids(tok, list(req.messages or ()))
             except Exception as exc:  # templates raise on e.g. role order they don't allow
                 raise _invalid(f"the model's chat template rejected the messages: {exc}") \
                     from None
         else:
-            text = req.prompt or ""
-        ids = list(tok(text, add_special_tokens=not has_messages)["input_ids"])
+            ids = list(tok(req.prompt or "")["input_ids"])
         if len(ids) >= model.context_length:
             raise _invalid(f"prompt is {len(ids)} tokens; the context window is "
                            f"{model.context_length} (leave room for at least one new token)")

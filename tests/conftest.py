@@ -33,10 +33,9 @@ def loaded(tiny_model_dir: Path):
 
 def chat_prompt_ids(loaded, text: str) -> list[int]:
     """Token ids of one user turn through the model's chat template, as serving builds them."""
-    tok = loaded.tokenizer
-    chat = tok.apply_chat_template([{"role": "user", "content": text}],
-                                   add_generation_prompt=True, tokenize=False)
-    return list(tok(chat, add_special_tokens=False)["input_ids"])
+    from rlhf.chat import chat_ids, user_turn
+
+    return chat_ids(loaded.tokenizer, user_turn(text))
 
 
 def terminate(proc: subprocess.Popen, timeout: float = 60.0) -> None:
