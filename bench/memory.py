@@ -93,7 +93,7 @@ def _allocation_peaks(prof: torch.profiler.profile) -> tuple[int, dict[str, int]
 
 def _annotate_phases(learner: Learner) -> None:
     """Wrap each phase method in a profiler range so peaks can be told apart by phase."""
-    for name in ("drain", "reward_model", "train_policy", "evaluate", "publish", "record"):
+    for name in ("drain", "sft", "reward_model", "train_policy", "evaluate", "publish", "record"):
         method = getattr(learner, name)
 
         def wrapped(*args, _method=method, _name=name):

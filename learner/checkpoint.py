@@ -2,7 +2,8 @@
 sweep of files a killed learner can leave behind.
 
 Layout: ``DATA/checkpoint/<sequence>-<version>/`` holds ``state.pt`` (policy LoRA tensors by
-parameter name, value head, Adam state, KL controller, PPO step) and ``manifest.json``,
+parameter name, value head, Adam state, KL controller, PPO step; and ``reference``: the frozen
+SFT adapter PPO's KL is measured to, when there is one) and ``manifest.json``,
 written last (version = the adapter these weights were published as, i.e. the parent of
 the next one; base model; sha256 of state.pt). A save writes a ``.tmp-*`` folder, fsyncs,
 renames it into place, writes the manifest, then deletes older checkpoints: a kill at any
@@ -54,7 +55,9 @@ class CheckpointInfo:
     lora_rank: int
     sha256: str  # of state.pt
     created_at: float
-    reference: str = "base"  # the KL reference: the base with every adapter off
+    reference: str = "base"  # the KL reference: "base" (every adapter off) or "sft"
+    ppo: bool = True  # False: only the reference (``rlhf sft``, or SFT just reset the policy)
+    sft_demonstrations: int = 0  # how many demonstrations the "sft" reference was trained on
     format: int = FORMAT
 
 
@@ -117,15 +120,24 @@ def _complete(root: Path) -> list[tuple[CheckpointInfo, Path]]:
     return sorted(found, key=lambda pair: pair[0].sequence)
 
 
-def save(root: Path, state: PPOState, *, version: str, parent: str | None,
-         base_model: str) -> CheckpointInfo:
-    """Write the checkpoint of ``state`` published as ``version`` (atomic, manifest last)."""
+def save(root: Path, state: PPOState | None, *, version: str, parent: str | None,
+         base_model: str, reference: dict[str, torch.Tensor] | None = None,
+         sft_demonstrations: int = 0) -> CheckpointInfo:
+    """Write the checkpoint of ``state`` published as ``version`` (atomic, manifest last);
+    ``reference``: the SFT adapter's tensors (``learner.lora.adapter_tensors``) when PPO's
+    reference is that adapter; ``state`` None: no PPO state yet (the policy starts as a
+    copy of the reference and its value head from the next RM)."""
+    if state is None and reference is None:
+        raise ValueError("a checkpoint needs a PPO state or a reference adapter")
     root.mkdir(parents=True, exist_ok=True)
     previous = _complete(root)
     tmp = root / f".tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        torch.save(ppo_state_dict(state), tmp / STATE_FILE)
+        saved = ppo_state_dict(state) if state is not None else {}
+        if reference is not None:
+            saved["reference"] = reference
+        torch.save(saved, tmp / STATE_FILE)
         fsync_path(tmp / STATE_FILE)
         fsync_path(tmp)
         sequence = previous[-1][0].sequence + 1 if previous else 1
@@ -134,13 +146,16 @@ def save(root: Path, state: PPOState, *, version: str, parent: str | None,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    lora_rank = next(p for n, p in state.peft.named_parameters()
-                     if f".lora_A.{POLICY}." in n).shape[0]
+    lora = policy_tensors(state) if state is not None else reference or {}
+    lora_rank = next(p for n, p in lora.items() if ".lora_A." in n).shape[0]
     info = CheckpointInfo(sequence=sequence, version=version, parent=parent,
-                          base_model=base_model, ppo_step=state.step,
-                          kl_kind=type(state.kl_ctl).__name__, lora_rank=int(lora_rank),
+                          base_model=base_model, ppo_step=state.step if state else 0,
+                          kl_kind=type(state.kl_ctl).__name__ if state else "",
+                          lora_rank=int(lora_rank),
                           sha256=adapter_store.sha256_file(final / STATE_FILE),
-                          created_at=time.time())
+                          created_at=time.time(),
+                          reference="base" if reference is None else "sft",
+                          ppo=state is not None, sft_demonstrations=sft_demonstrations)
     part = final / (MANIFEST_FILE + ".tmp")
     part.write_text(json.dumps(asdict(info), sort_keys=True))
     fsync_path(part)

@@ -1,8 +1,8 @@
 """LearnerConfig: the one frozen configuration of a learner process (docs/design.md §7).
 
-The reward-model and PPO loops' own configs nest inside it (``cfg.rm``, ``cfg.ppo``), so
-every knob is defined once, where it is used, and is still a flag and a variable through
-``rlhf.settings``: ``--rm-lr`` / ``RLHF_LEARN_RM_LR``, ``--ppo-kl-horizon`` /
+The SFT, reward-model and PPO loops' own configs nest inside it (``cfg.sft``, ``cfg.rm``,
+``cfg.ppo``), so every knob is defined once, where it is used, and is still a flag and a
+variable through ``rlhf.settings``: ``--sft-lr`` / ``RLHF_LEARN_SFT_LR``, ``--rm-lr`` / ``RLHF_LEARN_RM_LR``, ``--ppo-kl-horizon`` /
 ``RLHF_LEARN_PPO_KL_HORIZON``. ``seed`` and ``threads`` are the learner's and flow down.
 """
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from learner.ppo import PPOConfig
 from learner.reward_model import RMConfig
+from learner.sft import SFTConfig
 from rlhf.settings import nested, propagate_shared
 from rlhf.settings import port as _port
 from rlhf.settings import setting as _f
@@ -55,6 +56,9 @@ class LearnerConfig:
     seed: int = _f(0, "seed of splits, sampling and shuffling")
 
     ppo_steps: int = _f(10, "PPO steps (each ppo_batch_size episodes) per iteration")
+    sft: SFTConfig = nested(SFTConfig, "supervised fine-tuning on demonstrations (--sft-*); "
+                            "the adapter has the RM's LoRA layout (--rm-lora-rank)",
+                            shared=("seed", "threads"))
     rm: RMConfig = nested(RMConfig, "reward model training (--rm-*)",
                           shared=("seed", "threads"))
     ppo: PPOConfig = nested(PPOConfig, "LoRA-PPO (--ppo-*)", shared=("seed",))

@@ -49,6 +49,7 @@ def iteration_row(record: Mapping[str, Any]) -> dict[str, Any]:
     """One history record (``Progress.to_dict``) as a dashboard row."""
     return {"id": record.get("id"), "status": record.get("status"),
             "version": record.get("version"), "phase": record.get("phase"),
+            "skipped": list(record.get("skipped") or []),
             "started_at": record.get("started_at"), "finished_at": record.get("finished_at"),
             "seconds": round(sum((record.get("seconds") or {}).values()), 3),
             "error": record.get("error"), "metrics": metric_subset(record.get("metrics") or {})}

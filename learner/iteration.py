@@ -1,25 +1,31 @@
-"""One learner iteration as six named phases (docs/design.md §1, §3, §4):
+"""One learner iteration as seven named phases (docs/design.md §1, §3, §4):
 
 1. drain      the comparisons and demonstrations streams -> the durable datasets (Intake);
               the SFT set (learner.demonstrations) goes on ``Work.demonstrations``
-2. reward     retrain the RM on ALL comparisons so far (split by labeler, held-out accuracy,
-              bias so reference samples score mean 0)
-3. ppo        LoRA-PPO on the user turns of the collected conversations, ptx from the
+2. sft        only with new demonstrations: an "sft" LoRA from a fresh init on ALL of them
+              (learner/sft.py); the policy restarts from it and it becomes PPO's frozen KL
+              reference; otherwise "skipped"
+3. reward     retrain the RM on ALL comparisons so far (its LoRA starts from the SFT weights
+              once there are some; split by labeler, held-out accuracy, bias so reference
+              samples score mean 0)
+4. ppo        LoRA-PPO on the user turns of the collected conversations, ptx from the
               pretraining corpus
-4. evaluate   RM score of policy vs reference samples on held-out prompts, KL, ptx loss
+5. evaluate   RM score of policy vs reference samples on held-out prompts, KL, ptx loss
               before/after
-5. publish    adapter vN+1 into the store + registry (made current: replicas follow)
-6. record     metrics JSON in data_dir/iterations/ and a Redis hash + history list
+6. publish    adapter vN+1 into the store + registry (made current: replicas follow)
+7. record     metrics JSON in data_dir/iterations/ and a Redis hash + history list
 
 ``Learner`` holds what lives for the whole process: the one base model (loaded once), the
 dataset, the RM and the PPO state, so the policy adapter carries over between iterations.
 Across restarts (docs/design.md §5): publish saves a checkpoint (learner/checkpoint.py: policy
-LoRA, value head, Adam, KL controller, PPO step) before registering the version, and a new
-``Learner`` continues from it with parent = that version; the reference stays the base with
-adapters off. Records left "running" by a killed process become "interrupted"; such an
-iteration is not resumed (its RM and PPO progress lived in memory only): the next trigger
-runs a new one from the last checkpoint. A kill between checkpoint and registration is
-finished at startup (the version is registered then), so checkpoint and registry agree.
+LoRA, value head, Adam, KL controller, PPO step, the SFT reference adapter) before registering
+the version, and a new ``Learner`` continues from it with parent = that version and the same
+reference (the base with adapters off, or the SFT adapter the checkpoint carries). Records
+left "running" by a killed process become "interrupted"; such an iteration is not resumed
+(its SFT, RM and PPO progress lived in memory only): the next trigger runs a new one from the
+last checkpoint (and redoes SFT when more demonstrations are stored than its reference
+learned from). A kill between checkpoint and registration is finished at startup (the
+version is registered then), so checkpoint and registry agree.
 """
 
 from __future__ import annotations
@@ -27,7 +33,6 @@ from __future__ import annotations
 import logging
 import random
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -45,6 +50,7 @@ from learner.config import LearnerConfig
 from learner.dataset import ComparisonDataset, DemonstrationDataset
 from learner.demonstrations import count_new, sft_demonstrations
 from learner.intake import Intake
+from learner.lora import adapter_tensors, add_adapter, copy_adapter, load_tensors, lora_config
 from learner.ppo import (
     POLICY,
     PPOState,
@@ -54,9 +60,12 @@ from learner.ppo import (
     rollout,
 )
 from learner.ppo import score as ppo_score
+from learner.publish import Release, publish_version
 from learner.records import HISTORY, PHASES, RECORDS, SEQ, Progress, pause_for_tests
+from learner.reward_model import ADAPTER as RM_ADAPTER
 from learner.reward_model import RewardModel, fit_reward_model, split_by_labeler
 from learner.samples import reference_samples, rm_scores
+from learner.sft import SFT, fit_sft
 from rlhf import adapter_store, settings
 from rlhf.modeling import LoadedModel
 from rlhf.starter_data import pretraining_corpus
@@ -113,6 +122,9 @@ class Learner:
         self._rm_init = [p.detach().clone() for p in self._rm_tensors()]
         self.ppo: PPOState | None = None  # made after the first RM fit (value head <- RM)
         self.parent: str | None = None  # the version the policy was last published as
+        self.ref_adapter: str | None = None  # SFT once trained: PPO's frozen KL reference
+        self.sft_demonstrations = 0  # how many demonstrations that reference learned from
+        self._ppo_steps = 0  # PPO steps of policies SFT replaced (seeds keep advancing)
         self.active: Progress | None = None  # the iteration run() runs or ran last
         self.lock = threading.Lock()
         try:
@@ -137,13 +149,31 @@ class Learner:
             log.info("no checkpoint in %s: the policy starts from the base", self.data_dir)
             return
         info, saved = restored
-        self.ppo = make_ppo_state(self.rm.peft, self.loaded.tokenizer, self.ppo_cfg,
-                                  rm=self.rm)  # reference: the base, adapters off, as before
-        checkpoint.load_ppo_state_dict(self.ppo, saved, info.kl_kind)
+        if info.reference == SFT:  # the same frozen reference as before the restart
+            add_adapter(self.rm.peft, SFT, self._sft_lora())
+            try:
+                load_tensors(self.rm.peft, SFT, saved["reference"])
+            except (KeyError, ValueError) as exc:
+                raise checkpoint.CheckpointError(f"the checkpoint's SFT reference does not fit "
+                                                 f"(rm_lora_rank changed?): {exc}") from None
+            self.ref_adapter, self.sft_demonstrations = SFT, info.sft_demonstrations
+        if info.ppo:
+            self.ppo = self._new_ppo_state()
+            checkpoint.load_ppo_state_dict(self.ppo, saved, info.kl_kind)
         self.parent = info.version
         self._ensure_registered(info.version)
-        log.info("resumed the policy published as %s (ppo step %d, beta %.4g)", info.version,
-                 self.ppo.step, self.ppo.kl_ctl.value)
+        log.info("resumed the policy published as %s (reference %s, ppo step %d)",
+                 info.version, info.reference, self.ppo.step if self.ppo else 0)
+
+    def _sft_lora(self):
+        """The SFT adapter has the RM's LoRA layout, so the RM can start from it."""
+        return lora_config(self.rm.peft, self.rm_cfg.lora_rank, self.rm_cfg.lora_targets)
+
+    def _new_ppo_state(self) -> PPOState:
+        """A fresh PPO state: the policy a copy of the reference adapter (or the base), the
+        value head from the RM, a new Adam and KL controller."""
+        return make_ppo_state(self.rm.peft, self.loaded.tokenizer, self.ppo_cfg, rm=self.rm,
+                              ref_adapter=self.ref_adapter)
 
     def _ensure_registered(self, version: str) -> None:  # see register_if_missing
         checkpoint.register_if_missing(self.client, self.cfg.adapter_store, version,
@@ -155,20 +185,25 @@ class Learner:
     def new_id(self) -> str:
         return f"it-{int(self.client.incr(SEQ)):04d}"
 
-    def run(self, progress: Progress) -> Progress:
-        """Phases 1-6 in order; a failing phase marks the iteration failed (and re-raises)."""
-        work = Work()
-        steps: list[Callable[[Work, Progress], None]] = [
-            self.drain, self.reward_model, self.train_policy, self.evaluate, self.publish,
-            self.record]
+    def run(self, progress: Progress, work: Work | None = None,
+            phases: Sequence[str] = PHASES) -> Progress:
+        """``phases`` (all of PHASES) in order; a failing phase marks the iteration failed
+        (and re-raises). `rlhf sft` runs sft, publish, record on a ``work`` it filled."""
+        work = work or Work()
+        steps: dict[str, Callable[[Work, Progress], None]] = {
+            "drain": self.drain, "sft": self.sft, "reward_model": self.reward_model,
+            "ppo": self.train_policy, "evaluate": self.evaluate, "publish": self.publish,
+            "record": self.record}
+        progress.phases = len(phases)
         with self.lock:
             self.active, progress.learner = progress, self.name
             try:
-                for number, (name, phase) in enumerate(zip(PHASES, steps, strict=True), 1):
+                for number, name in enumerate(phases, 1):
+                    phase = steps[name]
                     progress.phase, progress.phase_number = name, number
                     progress.step = progress.steps = 0
                     self._store_record(progress)  # "running" in this phase: a kill shows
-                    log.info("iteration %s: phase %d/%d %s", progress.id, number, len(PHASES),
+                    log.info("iteration %s: phase %d/%d %s", progress.id, number, len(phases),
                              name)
                     pause_for_tests(name)
                     start = time.perf_counter()
@@ -204,10 +239,53 @@ class Learner:
             raise RuntimeError("no comparisons yet: nothing to learn from")
 
     # 2 ------------------------------------------------------------------------------------
+    def sft(self, work: Work, progress: Progress) -> None:
+        """SFT on ALL demonstrations when new ones arrived (or more are stored than the
+        reference learned from: a kill between drain and publish), else skipped. Then, as in
+        InstructGPT, the policy restarts from the SFT adapter, which becomes PPO's frozen KL
+        reference; the PPO state is dropped and made again after the RM phase (value head
+        from the new RM, fresh Adam and KL controller: all three belonged to the replaced
+        policy and reference); only the PPO step counter carries on. A failure restores the
+        previous SFT adapter, so the reference never changes half-way."""
+        stale = len(work.demonstrations) > self.sft_demonstrations
+        if not work.demonstrations or not (work.new_demonstrations > 0 or stale):
+            progress.skipped.append("sft")
+            progress.metrics["sft/ran"] = False
+            return
+        peft, before = self.rm.peft, None
+        if self.ref_adapter is not None:
+            before = adapter_tensors(peft, SFT)
+        try:
+            with self._bar(progress, "sft") as bar:
+                def on_step(done: int, total: int) -> None:
+                    progress.step, progress.steps, bar.total = done, total, total
+                    bar.update(done - bar.n)
+
+                metrics = fit_sft(peft, self.loaded.tokenizer, work.demonstrations,
+                                  self.cfg.sft, self._sft_lora(), on_step=on_step)
+            pause_for_tests("sft:trained")
+        except BaseException:
+            if before is not None:
+                load_tensors(peft, SFT, before)
+            elif SFT in peft.peft_config:
+                peft.set_adapter(RM_ADAPTER)
+                peft.delete_adapter(SFT)
+            raise
+        if self.ppo is not None:  # the policy restarts from the SFT adapter
+            self._ppo_steps = self.ppo.step
+            peft.set_adapter(SFT)
+            peft.delete_adapter(POLICY)
+            self.ppo = None
+        self.ref_adapter, self.sft_demonstrations = SFT, len(work.demonstrations)
+        progress.metrics.update({**metrics, "sft/ran": True})
+
+    # 3 ------------------------------------------------------------------------------------
     def reward_model(self, work: Work, progress: Progress) -> None:
-        with torch.no_grad():
+        with torch.no_grad():  # the paper's RM starts from the SFT model
             for p, init in zip(self._rm_tensors(), self._rm_init, strict=True):
                 p.copy_(init)
+            if self.ref_adapter is not None:
+                copy_adapter(self.rm.peft, self.ref_adapter, RM_ADAPTER)
         cfg = self.cfg
         train, heldout, _ = split_by_labeler(work.comparisons, cfg.rm.heldout_fraction, cfg.seed)
         train_prompts, held_prompts = distinct_prompts(train), distinct_prompts(heldout)
@@ -217,7 +295,7 @@ class Learner:
         work.eval_prompts = (unseen or pool)[-cfg.eval_prompts:]
         progress.metrics["eval/prompts_heldout"] = bool(unseen)
         samples = reference_samples(self.rm, self.loaded.tokenizer, self.ppo_cfg, work.prompts,
-                                    cfg.seed + 1)
+                                    cfg.seed + 1, self.ref_adapter)
         reference = [([{"role": "user", "content": prompt}], text) for prompt, text in samples]
         with self._bar(progress, "reward model") as bar:
             def on_step(done: int, total: int) -> None:
@@ -228,11 +306,18 @@ class Learner:
                                                      work.comparisons, self.rm_cfg, reference,
                                                      on_step=on_step))
 
-    # 3 ------------------------------------------------------------------------------------
+    # 4 ------------------------------------------------------------------------------------
+    def ensure_ppo(self) -> PPOState:
+        """The PPO state, made (value head <- the freshly trained RM head) when there is
+        none: the first iteration, after SFT reset the policy, after ``rlhf sft``."""
+        if self.ppo is None:
+            self.ppo = self._new_ppo_state()
+            self.ppo.step = self._ppo_steps
+        return self.ppo
+
     def train_policy(self, work: Work, progress: Progress) -> None:
-        if self.ppo is None:  # value head starts as the freshly trained RM head
-            self.ppo = make_ppo_state(self.rm.peft, self.loaded.tokenizer, self.ppo_cfg,
-                                      rm=self.rm)
+        self.ensure_ppo()
+        assert self.ppo is not None
         # Later iterations keep the value head PPO fitted on the policy's own features:
         # restarting it from each retrained RM measured worse (efficacy bench, starter,
         # ptx off, lr 2e-3: gold win rate 0.49 -> 0.55 restarted vs 0.49 -> 0.615 kept).
@@ -260,7 +345,7 @@ class Learner:
                                                                           1e-9)
         progress.metrics["ppo/total_steps"] = self.ppo.step
 
-    # 4 ------------------------------------------------------------------------------------
+    # 5 ------------------------------------------------------------------------------------
     def evaluate(self, work: Work, progress: Progress) -> None:
         assert self.ppo is not None
         seed = self.cfg.seed + 20_000
@@ -269,7 +354,8 @@ class Learner:
         scored = ppo_score(self.ppo, ro)
         kl = ((scored.logprobs - scored.ref_logprobs) * ro.response_mask).sum(1).mean()
         tok = self.loaded.tokenizer
-        reference = reference_samples(self.rm, tok, self.ppo_cfg, work.eval_prompts, seed)
+        reference = reference_samples(self.rm, tok, self.ppo_cfg, work.eval_prompts, seed,
+                                      self.ref_adapter)
         policy_scores = rm_scores(self.rm, tok, self.rm_cfg,
                                   list(zip(work.eval_prompts, ro.texts, strict=True)))
         ref_scores = rm_scores(self.rm, tok, self.rm_cfg, reference)
@@ -282,37 +368,31 @@ class Learner:
         progress.metrics["ptx/loss_delta"] = (progress.metrics["ptx/loss_after"]
                                               - progress.metrics["ptx/loss_before"])
 
-    # 5 ------------------------------------------------------------------------------------
+    # 6 ------------------------------------------------------------------------------------
     def publish(self, work: Work, progress: Progress) -> None:
-        """Store files (manifest last) -> checkpoint -> registry: a kill before the
-        checkpoint leaves an unregistered, unused version (its number is never reused); a
-        kill after it is finished by ``_ensure_registered`` at the next start."""
-        assert self.ppo is not None
-        if self.parent is not None:
-            self._ensure_registered(self.parent)  # a registration that failed last time
-        store = Path(self.cfg.adapter_store)
-        version = adapter_store.next_version(self.client)
-        while (store / version).exists():  # e.g. a registry reset under an old store
-            version = adapter_store.next_version(self.client)
-        config = {**settings.describe(self.cfg), "iteration": progress.id}
-        metrics = {k: v for k, v in progress.metrics.items() if isinstance(v, (int, float))}
-        with tempfile.TemporaryDirectory(prefix=".publish-", dir=self.data_dir) as tmp:
-            self.ppo.peft.save_pretrained(tmp, selected_adapters=[POLICY])
-            folder = Path(tmp) / POLICY  # PEFT nests a non-default adapter's files
-            manifest = adapter_store.publish(
-                store, version, folder if folder.is_dir() else Path(tmp), parent=self.parent,
-                base_model=self.loaded.name, metrics=metrics, config=config)
-        pause_for_tests("publish:stored")
-        checkpoint.save(self.data_dir / CHECKPOINT, self.ppo, version=version,
-                        parent=self.parent, base_model=self.loaded.name)
-        self.parent = version  # the policy in memory and on disk is now this version
-        pause_for_tests("publish:checkpointed")
-        adapter_store.register(self.client, manifest, make_current=True)
-        progress.version = version
-        log.info("iteration %s published %s (parent %s)", progress.id, version,
+        """Through ``learner.publish.publish_version`` (store -> checkpoint -> registry), the
+        path `rlhf sft` uses too. Published: the policy, or with no PPO state yet (`rlhf sft`)
+        the SFT adapter the policy will start from."""
+        if self.ppo is None and self.ref_adapter is None:
+            raise RuntimeError("nothing to publish: no policy and no SFT adapter")
+        peft = self.rm.peft
+        release = Release(
+            peft=peft, adapter=POLICY if self.ppo is not None else SFT, ppo=self.ppo,
+            reference=adapter_tensors(peft, SFT) if self.ref_adapter else None,
+            sft_demonstrations=self.sft_demonstrations, metrics=dict(progress.metrics),
+            config={**settings.describe(self.cfg), "iteration": progress.id})
+
+        def checkpointed(version: str) -> None:
+            self.parent = version  # the policy in memory and on disk is now this version
+
+        manifest = publish_version(self.client, self.cfg.adapter_store, self.data_dir,
+                                   CHECKPOINT, release, parent=self.parent,
+                                   base_model=self.loaded.name, on_checkpointed=checkpointed)
+        progress.version = manifest.version
+        log.info("iteration %s published %s (parent %s)", progress.id, manifest.version,
                  manifest.parent)
 
-    # 6 ------------------------------------------------------------------------------------
+    # 7 ------------------------------------------------------------------------------------
     def record(self, work: Work, progress: Progress) -> None:
         progress.status, progress.finished_at = "done", time.time()
         progress.seconds["record"] = 0.0

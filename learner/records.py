@@ -31,7 +31,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 log = logging.getLogger(__name__)
 
 PAUSE_ENV = "RLHF_LEARN_TEST_PAUSE_FILE"  # see pause_for_tests
-PHASES = ("drain", "reward_model", "ppo", "evaluate", "publish", "record")
+PHASES = ("drain", "sft", "reward_model", "ppo", "evaluate", "publish", "record")
 HISTORY = "rlhf:learner:history"  # list of iteration ids, oldest first
 RECORDS = "rlhf:learner:iterations"  # hash: iteration id -> record JSON
 SEQ = "rlhf:learner:iteration_seq"
@@ -53,6 +53,7 @@ class Progress:
     error: str | None = None
     version: str | None = None
     learner: str = ""  # the consumer name of the learner that ran it
+    skipped: list[str] = field(default_factory=list)  # phases with nothing to do (sft)
     seconds: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -61,6 +62,7 @@ class Progress:
         where ``asdict`` would iterate a dict that may change size)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["metrics"], out["seconds"] = dict(self.metrics), dict(self.seconds)
+        out["skipped"] = list(self.skipped)
         return out
 
 
@@ -132,7 +134,8 @@ def mark_interrupted(client: redis.Redis, folder: Path, learner: str) -> list[st
 def summary_line(progress: Progress) -> str:
     """One console line per iteration: time per phase and the PPO time split."""
     m, s = progress.metrics, progress.seconds
-    phases = ", ".join(f"{name} {s[name]:.1f}s" for name in PHASES if name in s)
+    phases = ", ".join(f"{name} skipped" if name in progress.skipped else f"{name} {s[name]:.1f}s"
+                       for name in PHASES if name in s)
     split = ""
     if "time/generate_total_s" in m:
         split = (f"; ppo: generate {m['time/generate_total_s']:.1f}s, score "
@@ -159,7 +162,8 @@ def progress_bar(desc: str, total: int | None, enabled: bool) -> Iterator[tqdm]:
 
 def pause_for_tests(point: str) -> None:
     """Test hook (tests/test_learner_crash.py): with ``RLHF_LEARN_TEST_PAUSE_FILE=<path>``
-    set, reaching a point (a phase name, ``publish:stored`` or ``publish:checkpointed``) that
+    set, reaching a point (a phase name, ``sft:trained``, ``publish:stored`` or
+    ``publish:checkpointed``) that
     the file names blocks the iteration's worker forever, so a test can SIGKILL the process
     exactly there; the file is re-read at each point, so one process can first run whole
     iterations. Unset (production): a no-op."""
