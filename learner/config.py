@@ -2,8 +2,9 @@
 
 The SFT, reward-model and PPO loops' own configs nest inside it (``cfg.sft``, ``cfg.rm``,
 ``cfg.ppo``), so every knob is defined once, where it is used, and is still a flag and a
-variable through ``rlhf.settings``: ``--sft-lr`` / ``RLHF_LEARN_SFT_LR``, ``--rm-lr`` / ``RLHF_LEARN_RM_LR``, ``--ppo-kl-horizon`` /
-``RLHF_LEARN_PPO_KL_HORIZON``. ``seed`` and ``threads`` are the learner's and flow down.
+variable through ``rlhf.settings``: ``--sft-lr`` / ``RLHF_LEARN_SFT_LR``, ``--rm-lr`` /
+``RLHF_LEARN_RM_LR``, ``--ppo-kl-horizon`` / ``RLHF_LEARN_PPO_KL_HORIZON``. ``seed`` and
+``threads`` are the learner's and flow down.
 """
 
 from __future__ import annotations

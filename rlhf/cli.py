@@ -16,11 +16,19 @@ def _logging(verbose: bool) -> None:
 
 def _config(argv: Sequence[str], cls: type, prog: str, what: str, prefix: str):
     """Parse a process's flags into its one frozen config (flag > env var > default)."""
+    return _parse(argv, cls, prog, what, prefix)[0]
+
+
+def _parse(argv: Sequence[str], cls: type, prog: str, what: str, prefix: str,
+           extra: Callable[[argparse.ArgumentParser], None] | None = None):
+    """(config, args): ``_config`` plus the options ``extra`` adds to the parser."""
     from rlhf import settings
 
     parser = argparse.ArgumentParser(prog=prog, description=f"{what} Every flag can also be "
                                      f"set as {prefix}<FLAG_NAME>.")
     settings.add_arguments(parser, cls)
+    if extra is not None:
+        extra(parser)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     _logging(args.verbose)
@@ -29,7 +37,7 @@ def _config(argv: Sequence[str], cls: type, prog: str, what: str, prefix: str):
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))
     logging.getLogger(f"rlhf.{prog.split()[-1]}").info("config: %s", settings.describe(config))
-    return config
+    return config, args
 
 
 def _resolve_model(prog: str, name: str) -> None:
@@ -122,6 +130,19 @@ def _learn(argv: Sequence[str]) -> int:
     return run(config)
 
 
+def _sft(argv: Sequence[str]) -> int:
+    _passive_omp()
+    from learner.config import ENV_PREFIX, LearnerConfig
+    from learner.sft_cli import add_options, run
+
+    config, args = _parse(argv, LearnerConfig, "rlhf sft", "Cold start: SFT on a JSONL file of "
+                          "demonstrations, published as an adapter version and checkpointed "
+                          "so `rlhf learn` continues from it (the same learner flags).",
+                          ENV_PREFIX, add_options)
+    _resolve_model("rlhf sft", config.model)
+    return run(config, args.demonstrations)
+
+
 def _learner_client(argv: Sequence[str]) -> int:
     from learner.main import client_main
 
@@ -159,6 +180,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "models": (_models, "named base models: list, pull (fetch + convert once, cached)"),
     "adapters": (_adapters, "list, show, promote or roll back adapter versions (registry)"),
     "learn": (_learn, "run the learner (RM + PPO iterations) with its admin HTTP API"),
+    "sft": (_sft, "cold start: SFT on a demonstrations file, published + checkpointed for learn"),
     "learner": (_learner_client, "trigger / status / history of a running learner (JSON)"),
     "simulate": (_simulate, "simulated labelers chat and rank by the gold preference (JSON)"),
     "bench": (_bench, "benchmarks that print JSON (rlhf bench SUITE; `rlhf bench` lists them)"),
