@@ -182,7 +182,7 @@ def fit_sft(peft: nn.Module, tokenizer, demonstrations: Sequence[Demonstration],
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
-            last = (last[0] + float(loss) * float(tokens), last[1] + float(tokens))
+            last = (last[0] + loss.item() * float(tokens), last[1] + float(tokens))
             done += 1
             if on_step is not None:
                 on_step(done, steps)

@@ -274,7 +274,7 @@ def assert_store_complete(env: dict) -> None:
 
 # Where the learner is killed; "publish:stored" = adapter files complete in the store, not
 # yet checkpointed; "publish:checkpointed" = checkpointed, not yet in the registry.
-POINTS = ["drain", "reward_model", "ppo", "evaluate", "publish", "publish:stored",
+POINTS = ["drain", "sft", "reward_model", "ppo", "evaluate", "publish", "publish:stored",
           "publish:checkpointed", "record"]
 FAST = {"ppo", "publish:checkpointed"}
 
