@@ -243,6 +243,11 @@ def test_rlhf_sft_publishes_a_version_learn_continues_from(cfg, tmp_path):
             assert learner.ppo is None and learner.sft_demonstrations == 8
             assert learner.history()[-1]["skipped"] == [] and \
                 learner.history()[-1]["phases"] == 3
+            submit(client, 0, 9)  # the first learn iteration: PPO from the SFT adapter
+            done = learner.run(Progress(learner.new_id()))
+            assert done.version == "v2" and done.skipped == ["sft"]
+            assert learner.ppo is not None and learner.ppo.ref_adapter == SFT
+            assert adapter_store.verify(cfg.adapter_store, "v2", cfg.model).parent == "v1"
         finally:
             learner.close()
     finally:

@@ -154,7 +154,7 @@ def adapters_table(adapters: Sequence[Mapping[str, Any]]) -> str:
 
 
 def progress_text(status: Mapping[str, Any], iterations: Sequence[Mapping[str, Any]]) -> str:
-    """The running iteration's phase n/6 and step/steps, or the last one's outcome."""
+    """The running iteration's phase n/7 and step/steps, or the last one's outcome."""
     it = status.get("iteration")
     if status.get("running") and it:
         text = (f"⏳ **{it['id']}** running: phase {it['phase_number']}/{it['phases']} "
