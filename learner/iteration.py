@@ -50,7 +50,7 @@ from learner.config import LearnerConfig
 from learner.dataset import ComparisonDataset, DemonstrationDataset
 from learner.demonstrations import count_new, sft_demonstrations
 from learner.intake import Intake
-from learner.lora import adapter_tensors, add_adapter, copy_adapter, load_tensors, lora_config
+from learner.lora import lora_config
 from learner.ppo import (
     POLICY,
     PPOState,
@@ -62,10 +62,11 @@ from learner.ppo import (
 from learner.ppo import score as ppo_score
 from learner.publish import Release, publish_version
 from learner.records import HISTORY, PHASES, RECORDS, SEQ, Progress, pause_for_tests
+from learner.reference import Reference
 from learner.reward_model import ADAPTER as RM_ADAPTER
 from learner.reward_model import RewardModel, fit_reward_model, split_by_labeler
 from learner.samples import reference_samples, rm_scores
-from learner.sft import SFT, fit_sft
+from learner.sft import SFT
 from rlhf import adapter_store, settings
 from rlhf.modeling import LoadedModel
 from rlhf.starter_data import pretraining_corpus
@@ -101,6 +102,15 @@ def distinct_prompts(comparisons: Sequence[Comparison]) -> list[str]:
     return list(seen)
 
 
+def _stepper(progress: Progress, bar: tqdm) -> Callable[[int, int], None]:
+    """``on_step(done, total)`` of a training loop -> the record's step/steps and the bar."""
+    def on_step(done: int, total: int) -> None:
+        progress.step, progress.steps, bar.total = done, total, total
+        bar.update(done - bar.n)
+
+    return on_step
+
+
 class Learner:
     """The learner's long-lived state and ``run`` = one iteration (not thread-safe: one
     iteration at a time, which ``admin_api.Runner`` guarantees)."""
@@ -122,8 +132,7 @@ class Learner:
         self._rm_init = [p.detach().clone() for p in self._rm_tensors()]
         self.ppo: PPOState | None = None  # made after the first RM fit (value head <- RM)
         self.parent: str | None = None  # the version the policy was last published as
-        self.ref_adapter: str | None = None  # SFT once trained: PPO's frozen KL reference
-        self.sft_demonstrations = 0  # how many demonstrations that reference learned from
+        self.reference = Reference(self.rm.peft, self._sft_lora)  # base until the first SFT
         self._ppo_steps = 0  # PPO steps of policies SFT replaced (seeds keep advancing)
         self.active: Progress | None = None  # the iteration run() runs or ran last
         self.lock = threading.Lock()
@@ -150,13 +159,7 @@ class Learner:
             return
         info, saved = restored
         if info.reference == SFT:  # the same frozen reference as before the restart
-            add_adapter(self.rm.peft, SFT, self._sft_lora())
-            try:
-                load_tensors(self.rm.peft, SFT, saved["reference"])
-            except (KeyError, ValueError) as exc:
-                raise checkpoint.CheckpointError(f"the checkpoint's SFT reference does not fit "
-                                                 f"(rm_lora_rank changed?): {exc}") from None
-            self.ref_adapter, self.sft_demonstrations = SFT, info.sft_demonstrations
+            self.reference.restore(saved.get("reference"), info.sft_demonstrations)
         if info.ppo:
             self.ppo = self._new_ppo_state()
             checkpoint.load_ppo_state_dict(self.ppo, saved, info.kl_kind)
@@ -164,6 +167,11 @@ class Learner:
         self._ensure_registered(info.version)
         log.info("resumed the policy published as %s (reference %s, ppo step %d)",
                  info.version, info.reference, self.ppo.step if self.ppo else 0)
+
+    @property
+    def ref_adapter(self) -> str | None:
+        """PPO's frozen KL reference: None = the base, adapters off; "sft" after SFT."""
+        return self.reference.adapter
 
     def _sft_lora(self):
         """The SFT adapter has the RM's LoRA layout, so the RM can start from it."""
@@ -247,36 +255,18 @@ class Learner:
         from the new RM, fresh Adam and KL controller: all three belonged to the replaced
         policy and reference); only the PPO step counter carries on. A failure restores the
         previous SFT adapter, so the reference never changes half-way."""
-        stale = len(work.demonstrations) > self.sft_demonstrations
-        if not work.demonstrations or not (work.new_demonstrations > 0 or stale):
+        if not self.reference.due(work.demonstrations, work.new_demonstrations):
             progress.skipped.append("sft")
             progress.metrics["sft/ran"] = False
             return
-        peft, before = self.rm.peft, None
-        if self.ref_adapter is not None:
-            before = adapter_tensors(peft, SFT)
-        try:
-            with self._bar(progress, "sft") as bar:
-                def on_step(done: int, total: int) -> None:
-                    progress.step, progress.steps, bar.total = done, total, total
-                    bar.update(done - bar.n)
-
-                metrics = fit_sft(peft, self.loaded.tokenizer, work.demonstrations,
-                                  self.cfg.sft, self._sft_lora(), on_step=on_step)
-            pause_for_tests("sft:trained")
-        except BaseException:
-            if before is not None:
-                load_tensors(peft, SFT, before)
-            elif SFT in peft.peft_config:
-                peft.set_adapter(RM_ADAPTER)
-                peft.delete_adapter(SFT)
-            raise
+        with self._bar(progress, "sft") as bar:
+            metrics = self.reference.train(self.loaded.tokenizer, work.demonstrations,
+                                           self.cfg.sft, _stepper(progress, bar))
         if self.ppo is not None:  # the policy restarts from the SFT adapter
             self._ppo_steps = self.ppo.step
-            peft.set_adapter(SFT)
-            peft.delete_adapter(POLICY)
+            self.rm.peft.set_adapter(SFT)
+            self.rm.peft.delete_adapter(POLICY)
             self.ppo = None
-        self.ref_adapter, self.sft_demonstrations = SFT, len(work.demonstrations)
         progress.metrics.update({**metrics, "sft/ran": True})
 
     # 3 ------------------------------------------------------------------------------------
@@ -284,8 +274,7 @@ class Learner:
         with torch.no_grad():  # the paper's RM starts from the SFT model
             for p, init in zip(self._rm_tensors(), self._rm_init, strict=True):
                 p.copy_(init)
-            if self.ref_adapter is not None:
-                copy_adapter(self.rm.peft, self.ref_adapter, RM_ADAPTER)
+            self.reference.start(RM_ADAPTER)
         cfg = self.cfg
         train, heldout, _ = split_by_labeler(work.comparisons, cfg.rm.heldout_fraction, cfg.seed)
         train_prompts, held_prompts = distinct_prompts(train), distinct_prompts(heldout)
@@ -298,13 +287,9 @@ class Learner:
                                     cfg.seed + 1, self.ref_adapter)
         reference = [([{"role": "user", "content": prompt}], text) for prompt, text in samples]
         with self._bar(progress, "reward model") as bar:
-            def on_step(done: int, total: int) -> None:
-                progress.step, progress.steps, bar.total = done, total, total
-                bar.update(done - bar.n)
-
             progress.metrics.update(fit_reward_model(self.rm, self.loaded.tokenizer,
                                                      work.comparisons, self.rm_cfg, reference,
-                                                     on_step=on_step))
+                                                     on_step=_stepper(progress, bar)))
 
     # 4 ------------------------------------------------------------------------------------
     def ensure_ppo(self) -> PPOState:
@@ -375,11 +360,10 @@ class Learner:
         the SFT adapter the policy will start from."""
         if self.ppo is None and self.ref_adapter is None:
             raise RuntimeError("nothing to publish: no policy and no SFT adapter")
-        peft = self.rm.peft
         release = Release(
-            peft=peft, adapter=POLICY if self.ppo is not None else SFT, ppo=self.ppo,
-            reference=adapter_tensors(peft, SFT) if self.ref_adapter else None,
-            sft_demonstrations=self.sft_demonstrations, metrics=dict(progress.metrics),
+            peft=self.rm.peft, adapter=POLICY if self.ppo is not None else SFT, ppo=self.ppo,
+            reference=self.reference.tensors(),
+            sft_demonstrations=self.reference.demonstrations, metrics=dict(progress.metrics),
             config={**settings.describe(self.cfg), "iteration": progress.id})
 
         def checkpointed(version: str) -> None:

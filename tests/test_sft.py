@@ -202,6 +202,18 @@ def test_iteration_sft_becomes_the_reference_and_survives_a_restart(cfg):
         for name, tensor in adapter_tensors(second.rm.peft, "policy").items():
             assert torch.equal(tensor, policy[name]), name
         assert adapter_store.list_versions(client) == ["v1", "v2"]
+
+        # New demonstrations later on: SFT again on all 16, the running policy is replaced
+        # by a copy of the new SFT adapter (KL 0 at its first step), the step count goes on.
+        second.stored, second.queued = demos(12), demos(4, start=50)
+        steps = second.ppo.step
+        submit(client, 12, 3)
+        done = second.run(Progress(second.new_id()))
+        assert done.status == "done" and done.version == "v3" and not done.skipped
+        assert done.metrics["sft/demonstrations"] == 16 and done.metrics["ppo/kl"] == 0.0
+        assert second.ppo.step == steps + 1 and second.ppo.ref_adapter == SFT
+        changed = adapter_tensors(second.rm.peft, SFT)
+        assert any(not torch.equal(changed[n], sft_weights[n]) for n in changed)
     finally:
         second.close()
         client.close()
@@ -240,7 +252,7 @@ def test_rlhf_sft_publishes_a_version_learn_continues_from(cfg, tmp_path):
         learner = Learner(cfg, load_model(cfg.model, device="cpu"))  # what `rlhf learn` does
         try:
             assert learner.parent == "v1" and learner.ref_adapter == SFT
-            assert learner.ppo is None and learner.sft_demonstrations == 8
+            assert learner.ppo is None and learner.reference.demonstrations == 8
             assert learner.history()[-1]["skipped"] == [] and \
                 learner.history()[-1]["phases"] == 3
             submit(client, 0, 9)  # the first learn iteration: PPO from the SFT adapter
