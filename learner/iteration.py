@@ -270,11 +270,16 @@ class Learner:
         progress.metrics.update({**metrics, "sft/ran": True})
 
     # 3 ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_rm(self) -> None:
+        """The RM's starting point: its first init, with the LoRA from the SFT adapter once
+        there is one (the paper initialises the RM from the SFT model)."""
+        for p, init in zip(self._rm_tensors(), self._rm_init, strict=True):
+            p.copy_(init)
+        self.reference.start(RM_ADAPTER)
+
     def reward_model(self, work: Work, progress: Progress) -> None:
-        with torch.no_grad():  # the paper's RM starts from the SFT model
-            for p, init in zip(self._rm_tensors(), self._rm_init, strict=True):
-                p.copy_(init)
-            self.reference.start(RM_ADAPTER)
+        self.reset_rm()
         cfg = self.cfg
         train, heldout, _ = split_by_labeler(work.comparisons, cfg.rm.heldout_fraction, cfg.seed)
         train_prompts, held_prompts = distinct_prompts(train), distinct_prompts(heldout)

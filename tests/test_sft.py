@@ -167,6 +167,10 @@ def test_iteration_sft_becomes_the_reference_and_survives_a_restart(cfg):
     assert progress.metrics["ppo/kl"] == 0.0  # one PPO step: sampled before any update
     sft_weights = adapter_tensors(first.rm.peft, SFT)
     after = ppo_score(first.ppo, ro)
+    first.reset_rm()  # what each RM phase starts from: the SFT LoRA, its own head init
+    for name, tensor in adapter_tensors(first.rm.peft, "rm").items():
+        assert torch.equal(tensor, sft_weights[name.replace(".rm.", f".{SFT}.")]), name
+    assert torch.equal(first.rm.head.weight, first._rm_init[-2])
     first.close()
 
     second = DemoLearner(cfg, load_model(cfg.model, device="cpu"))  # a restart
