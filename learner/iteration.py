@@ -76,6 +76,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["HISTORY", "PHASES", "RECORDS", "SEQ", "Learner", "Progress"]  # records re-exported
 CHECKPOINT = "checkpoint"  # DATA/checkpoint/: what a restart continues from
+COLD_START = ("sft", "publish", "record")  # the phases of `rlhf sft`
 
 
 @dataclass
@@ -229,6 +230,21 @@ class Learner:
             finally:
                 log.info("%s", records.summary_line(progress))
         return progress
+
+    def cold_start(self, demonstrations: Sequence[Demonstration]) -> Progress:
+        """`rlhf sft`: store ``demonstrations`` in the durable dataset (every later SFT
+        trains on them too), then sft -> publish -> record on the whole SFT set."""
+        old_demos, old_comparisons = self.demonstration_dataset.ids(), self.dataset.ids()
+        self.demonstration_dataset.append(demonstrations)
+        work = Work(comparisons=self.dataset.load_all())
+        work.demonstrations = sft_demonstrations(self.demonstration_dataset.load_all(),
+                                                 work.comparisons)
+        new = count_new(work.demonstrations, old_demos, old_comparisons)
+        work.new_demonstrations = len(demonstrations)  # asked for: trains even if none new
+        progress = Progress(self.new_id())
+        progress.metrics.update({"data/demonstrations": len(work.demonstrations),
+                                 "data/demonstrations_new": new})
+        return self.run(progress, work, COLD_START)
 
     # 1 ------------------------------------------------------------------------------------
     def drain(self, work: Work, progress: Progress) -> None:

@@ -140,7 +140,7 @@ def _sft(argv: Sequence[str]) -> int:
                           "so `rlhf learn` continues from it (the same learner flags).",
                           ENV_PREFIX, add_options)
     _resolve_model("rlhf sft", config.model)
-    return run(config, args.demonstrations)
+    return run(config, args.demonstrations, args.labeler_id)
 
 
 def _learner_client(argv: Sequence[str]) -> int:

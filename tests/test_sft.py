@@ -3,9 +3,8 @@ fit_sft on the tiny model, an iteration with new demonstrations making the SFT a
 policy's start and PPO's KL reference (kept across a restart), one without skipping it, a
 failing SFT changing nothing, and `rlhf sft` publishing a version `rlhf learn` continues.
 
-Tiny starter model, private Redis db 14. Until the demonstrations data path is merged, the
-iteration's demonstrations come from ``DemoLearner.drain`` (the real drain, then the
-demonstrations a test queued), and files are read by ``learner.sft_cli``.
+Tiny starter model, private Redis db 14; demonstrations go in through the stream, as the
+Feedback service stores them, or a file (`rlhf sft`).
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from pathlib import Path
 import pytest
 import redis
 import torch
-from google.protobuf import json_format
 
 from learner.config import LearnerConfig
 from learner.iteration import Learner, Progress, Work
@@ -37,20 +35,23 @@ from learner.sft import (
     sft_row,
 )
 from rlhf import adapter_store
+from rlhf.comparisons import append_many
 from rlhf.modeling import load_model
 from rlhf.settings import from_flat
 from rlhf.starter_data import make_tasks
+from rlhf.v1 import feedback_pb2 as fb
+from rlhf.v1 import policy_pb2 as pb
 from rlhf.v1.feedback_pb2 import Demonstration
 from tests.conftest import ROOT
 from tests.test_learner_crash import SMALL
-from tests.test_learner_iteration import submit
+from tests.test_learner_iteration import make_comparison, submit
 
 X = IGNORE
 
 
 def demo(i: int, prompt: str, answer: str, labeler: str = "") -> Demonstration:
     d = Demonstration(id=f"demo-{i:04d}", labeler_id=labeler or f"labeler-{i % 4}",
-                      answer=answer)
+                      answer=answer, source=fb.DEMONSTRATION_SOURCE_API)
     d.messages.add(role="user", content=prompt)
     return d
 
@@ -111,18 +112,20 @@ def test_fit_sft_lowers_heldout_loss_and_raises_the_answers_likelihood(loaded):
     assert again["sft/loss_heldout_after"] == pytest.approx(m["sft/loss_heldout_after"])
 
 
-class DemoLearner(Learner):
-    """The real drain, plus the demonstrations a test queued (stand-in for the data path)."""
+class FlakyLearner(Learner):
+    """With ``bad`` set, the drain adds a demonstration the chat template rejects to the SFT
+    set (the intake would dead-letter it: this only makes the SFT phase fail mid-way)."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        self.queued: list[Demonstration] = []
-        self.stored: list[Demonstration] = []
-        super().__init__(*args, **kwargs)
+    bad = False
 
     def drain(self, work: Work, progress: Progress) -> None:
         super().drain(work, progress)
-        work.new_demonstrations, self.stored = len(self.queued), self.stored + self.queued
-        work.demonstrations, self.queued = list(self.stored), []
+        if not self.bad:
+            return
+        bad = demo(99, "hi", "yo")
+        bad.messages.insert(0, pb.ChatMessage(role="tool", content="x"))
+        work.demonstrations.append(bad)
+        work.new_demonstrations += 1
 
 
 def kl_check(learner: Learner, prompts: list[str]) -> tuple:
@@ -150,12 +153,15 @@ def test_iteration_sft_becomes_the_reference_and_survives_a_restart(cfg):
     torch.set_num_threads(1)
     client = redis.Redis.from_url(cfg.redis_url)
     submit(client, 0, 9)
-    first = DemoLearner(cfg, load_model(cfg.model, device="cpu"))
-    first.queued = demos(12)
+    append_many(client, demos(12))  # as the Feedback service stores them
+    ideal = make_comparison(100, "What is 9 - 1?", "8")
+    ideal.ideal_answer = "Answer: 8. Done!"  # a comparison's ideal answer is one more
+    append_many(client, [ideal])
+    first = Learner(cfg, load_model(cfg.model, device="cpu"))
     progress, work = Progress(first.new_id()), Work()
     first.run(progress, work, ("drain", "sft", "reward_model"))
     m = progress.metrics
-    assert m["sft/ran"] is True and m["sft/demonstrations"] == 12 and not progress.skipped
+    assert m["sft/ran"] is True and m["sft/demonstrations"] == 13 and not progress.skipped
     assert m["sft/loss_heldout_after"] < m["sft/loss_heldout_before"]
     assert first.ref_adapter == SFT and first.ppo is None  # PPO state made after the RM
     ro, scored, base = kl_check(first, ["What is 2 + 3?", "What is 6 - 2?"])
@@ -173,7 +179,7 @@ def test_iteration_sft_becomes_the_reference_and_survives_a_restart(cfg):
     assert torch.equal(first.rm.head.weight, first._rm_init[-2])
     first.close()
 
-    second = DemoLearner(cfg, load_model(cfg.model, device="cpu"))  # a restart
+    second = FlakyLearner(cfg, load_model(cfg.model, device="cpu"))  # a restart
     try:
         assert second.ref_adapter == SFT and second.parent == "v1"
         assert second.ppo is not None and second.ppo.ref_adapter == SFT
@@ -183,8 +189,7 @@ def test_iteration_sft_becomes_the_reference_and_survives_a_restart(cfg):
         assert torch.equal(again.ref_logprobs, after.ref_logprobs)  # the same reference
         assert torch.equal(again.logprobs, after.logprobs)  # the same policy
 
-        second.stored = demos(12)  # the durable dataset, nothing new: sft is skipped
-        submit(client, 9, 3)
+        submit(client, 9, 3)  # no new demonstrations: sft is skipped
         done = second.run(Progress(second.new_id()))
         assert done.skipped == ["sft"] and done.metrics["sft/ran"] is False
         assert "sft" in done.seconds and done.version == "v2"
@@ -193,9 +198,7 @@ def test_iteration_sft_becomes_the_reference_and_survives_a_restart(cfg):
 
         # A failing SFT (the template rejects a role) leaves the reference and the policy
         # as they were, and publishes nothing.
-        bad = demo(99, "hi", "yo")
-        bad.messages.insert(0, bad.messages[0].__class__(role="tool", content="x"))
-        second.queued = [bad]
+        second.bad = True
         policy = adapter_tensors(second.rm.peft, "policy")
         with pytest.raises(Exception, match="Unknown role"):
             second.run(Progress(second.new_id()))
@@ -206,15 +209,16 @@ def test_iteration_sft_becomes_the_reference_and_survives_a_restart(cfg):
         for name, tensor in adapter_tensors(second.rm.peft, "policy").items():
             assert torch.equal(tensor, policy[name]), name
         assert adapter_store.list_versions(client) == ["v1", "v2"]
+        second.bad = False
 
-        # New demonstrations later on: SFT again on all 16, the running policy is replaced
+        # New demonstrations later on: SFT again on all 17, the running policy is replaced
         # by a copy of the new SFT adapter (KL 0 at its first step), the step count goes on.
-        second.stored, second.queued = demos(12), demos(4, start=50)
+        append_many(client, demos(4, start=50))
         steps = second.ppo.step
         submit(client, 12, 3)
         done = second.run(Progress(second.new_id()))
         assert done.status == "done" and done.version == "v3" and not done.skipped
-        assert done.metrics["sft/demonstrations"] == 16 and done.metrics["ppo/kl"] == 0.0
+        assert done.metrics["sft/demonstrations"] == 17 and done.metrics["ppo/kl"] == 0.0
         assert second.ppo.step == steps + 1 and second.ppo.ref_adapter == SFT
         changed = adapter_tensors(second.rm.peft, SFT)
         assert any(not torch.equal(changed[n], sft_weights[n]) for n in changed)
@@ -225,8 +229,11 @@ def test_iteration_sft_becomes_the_reference_and_survives_a_restart(cfg):
 
 def test_rlhf_sft_publishes_a_version_learn_continues_from(cfg, tmp_path):
     path = tmp_path / "demos.jsonl"
-    path.write_text("".join(json_format.MessageToJson(d, indent=None) + "\n"
-                            for d in demos(8)))
+    lines = [{"prompt": d.messages[0].content, "response": d.answer} for d in demos(6)]
+    lines += [{"messages": [{"role": "user", "content": d.messages[0].content},
+                            {"role": "assistant", "content": d.answer}]}
+              for d in demos(2, start=30)]  # the chat format too
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     flags = ["--model", cfg.model, "--device", "cpu", "--threads", "1", "--data-dir",
              cfg.data_dir, "--adapter-store", cfg.adapter_store, "--consumer", cfg.consumer,
              "--rm-lora-rank", "4", "--sft-epochs", "2", "--no-progress-bars"]
@@ -238,10 +245,9 @@ def test_rlhf_sft_publishes_a_version_learn_continues_from(cfg, tmp_path):
                               timeout=120, env=env)
 
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(path.read_text().splitlines()[0] + "\n{\"id\": \"x\"}\n")
+    bad.write_text(path.read_text().splitlines()[0] + "\n{\"prompt\": \"x\"}\n")
     refused = sft(bad)
-    assert refused.returncode == 2 and "bad.jsonl:2: messages must end on a user turn" \
-        in refused.stderr
+    assert refused.returncode == 2 and "bad.jsonl line 2: response" in refused.stderr
     proc = sft(path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     event = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -257,6 +263,7 @@ def test_rlhf_sft_publishes_a_version_learn_continues_from(cfg, tmp_path):
         try:
             assert learner.parent == "v1" and learner.ref_adapter == SFT
             assert learner.ppo is None and learner.reference.demonstrations == 8
+            assert len(learner.demonstration_dataset) == 8  # kept for every later SFT
             assert learner.history()[-1]["skipped"] == [] and \
                 learner.history()[-1]["phases"] == 3
             submit(client, 0, 9)  # the first learn iteration: PPO from the SFT adapter
