@@ -1,9 +1,10 @@
 """Crash safety and resume of the learner (docs/design.md §5): a restarted learner continues the
 same policy (bitwise: LoRA, value head, Adam, adaptive beta, PPO step) from its checkpoint
-with parent = the version it published last and the same reference (base, adapters off);
-`rlhf learn` processes SIGKILLed at every phase (and inside publish) leave only complete
-adapter versions, lose or double-count no comparison, show the killed iteration as
-"interrupted", and the next iteration publishes with the right parent.
+with parent = the version it published last and the same reference (base, adapters off;
+tests/test_sft.py: the SFT adapter); `rlhf learn` processes SIGKILLed at every phase (and
+inside SFT and publish), with new comparisons and demonstrations each round, leave only
+complete adapter versions, lose or double-count no comparison, show the killed iteration
+as "interrupted", redo a lost SFT, and the next iteration publishes with the right parent.
 
 Tiny starter model, private Redis dbs 7 (in-process) and 8 (child processes). The kill points
 are reached through the test hook ``RLHF_LEARN_TEST_PAUSE_FILE`` (learner/records.py), which
@@ -35,10 +36,11 @@ from learner.ppo import POLICY, rollout
 from learner.ppo import score as ppo_score
 from learner.records import PAUSE_ENV
 from rlhf import adapter_store
+from rlhf.comparisons import append_many
 from rlhf.modeling import load_model
 from rlhf.settings import from_flat
 from tests.conftest import ROOT
-from tests.test_learner_iteration import submit
+from tests.test_learner_iteration import demos, submit
 
 SMALL = dict(prompts_per_iteration=8, eval_prompts=3, ptx_eval_texts=4, rm_batch=4,
              rm_max_length=96, rm_lora_rank=4, rm_heldout_fraction=0.3, ppo_steps=2,
@@ -250,7 +252,8 @@ def crash_env(tiny_model_dir, redis_server, tmp_path_factory) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("crash")
     env = {"model": str(tiny_model_dir), "url": url, "root": str(root), "client": client,
            "data": str(root / "data"), "store": str(root / "store"), "submitted": 0,
-           "pause_file": str(root / "pause-at"), "learn": None}
+           "pause_file": str(root / "pause-at"), "learn": None,
+           "demo_texts": set()}  # one text counts once in the SFT set
     yield env
     if env["learn"] is not None:
         env["learn"].stop()
@@ -274,9 +277,9 @@ def assert_store_complete(env: dict) -> None:
 
 # Where the learner is killed; "publish:stored" = adapter files complete in the store, not
 # yet checkpointed; "publish:checkpointed" = checkpointed, not yet in the registry.
-POINTS = ["drain", "sft", "reward_model", "ppo", "evaluate", "publish", "publish:stored",
-          "publish:checkpointed", "record"]
-FAST = {"ppo", "publish:checkpointed"}
+POINTS = ["drain", "sft", "sft:trained", "reward_model", "ppo", "evaluate", "publish",
+          "publish:stored", "publish:checkpointed", "record"]
+FAST = {"sft:trained", "ppo", "publish:checkpointed"}
 
 
 @pytest.mark.parametrize("point", [p if p in FAST else pytest.param(p, marks=pytest.mark.slow)
@@ -287,6 +290,9 @@ def test_sigkill_at_each_phase_loses_nothing_and_resumes(crash_env, point):
     doomed = env["learn"] or Learn(env)
     env["learn"] = None
     submit(client, env["submitted"], 6)  # new work each round: drained in or after the kill
+    new_demos = demos(2, start=env["submitted"])  # so every iteration has SFT to do
+    append_many(client, new_demos)
+    env["demo_texts"].update((d.messages[0].content, d.answer) for d in new_demos)
     env["submitted"] += 6
     last = adapter_store.list_versions(client)
     parent_before = last[-1] if last else None
@@ -322,6 +328,14 @@ def test_sigkill_at_each_phase_loses_nothing_and_resumes(crash_env, point):
 
     new = learn.wait_done(learn.trigger())
     assert new["metrics"]["data/comparisons"] == env["submitted"]  # none lost or doubled
+    # A kill before the checkpoint lost that iteration's SFT: it is redone on all the
+    # demonstrations, though the killed drain had stored every one; after the checkpoint
+    # the reference already learned from them all: skipped.
+    assert new["metrics"]["data/demonstrations"] == len(env["demo_texts"])
+    assert new["metrics"]["sft/ran"] is not after_checkpoint
+    assert new["skipped"] == (["sft"] if after_checkpoint else [])
+    if not after_checkpoint:
+        assert new["metrics"]["sft/demonstrations"] == len(env["demo_texts"])
     assert new["version"] not in left  # a version number allocated before the kill: skipped
     manifest = adapter_store.verify(env["store"], new["version"], env["model"])
     assert manifest.parent == expected_parent

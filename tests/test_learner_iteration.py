@@ -35,6 +35,7 @@ from learner.reward_model import fit_reward_model
 from rlhf import adapter_store, comparisons
 from rlhf.modeling import load_model
 from rlhf.settings import from_flat
+from rlhf.starter_data import make_tasks
 from rlhf.v1 import feedback_pb2 as fb
 from rlhf.v1 import policy_pb2 as pb
 from rlhf.v1 import policy_pb2_grpc as pbg
@@ -64,6 +65,19 @@ def submit(client: redis.Redis, start: int, n: int) -> list[str]:
     replies = comparisons.append_many(client, records)
     assert not any(dup for dup, _ in replies)
     return [r.id for r in records]
+
+
+def demo(i: int, prompt: str, answer: str, labeler: str = "") -> fb.Demonstration:
+    d = fb.Demonstration(id=f"demo-{i:04d}", labeler_id=labeler or f"labeler-{i % 4}",
+                         answer=answer, source=fb.DEMONSTRATION_SOURCE_API)
+    d.messages.add(role="user", content=prompt)
+    return d
+
+
+def demos(n: int, start: int = 0) -> list[fb.Demonstration]:
+    """A style the base never writes, so SFT has something to learn that generalises."""
+    return [demo(start + i, t.prompt, f"Answer: {t.answer}. Done!")
+            for i, t in enumerate(make_tasks(n, seed=5 + start))]
 
 
 @pytest.fixture(scope="module")

@@ -38,28 +38,12 @@ from rlhf import adapter_store
 from rlhf.comparisons import append_many
 from rlhf.modeling import load_model
 from rlhf.settings import from_flat
-from rlhf.starter_data import make_tasks
-from rlhf.v1 import feedback_pb2 as fb
 from rlhf.v1 import policy_pb2 as pb
-from rlhf.v1.feedback_pb2 import Demonstration
 from tests.conftest import ROOT
 from tests.test_learner_crash import SMALL
-from tests.test_learner_iteration import make_comparison, submit
+from tests.test_learner_iteration import demo, demos, make_comparison, submit
 
 X = IGNORE
-
-
-def demo(i: int, prompt: str, answer: str, labeler: str = "") -> Demonstration:
-    d = Demonstration(id=f"demo-{i:04d}", labeler_id=labeler or f"labeler-{i % 4}",
-                      answer=answer, source=fb.DEMONSTRATION_SOURCE_API)
-    d.messages.add(role="user", content=prompt)
-    return d
-
-
-def demos(n: int, start: int = 0) -> list[Demonstration]:
-    """A style the base never writes, so SFT has something to learn that generalises."""
-    return [demo(start + i, t.prompt, f"Answer: {t.answer}. Done!")
-            for i, t in enumerate(make_tasks(n, seed=5 + start))]
 
 
 def test_sft_row_labels_only_the_answer_and_its_eos():
