@@ -28,7 +28,7 @@ from rlhf.v1 import policy_pb2 as pb
 from tests.conftest import ROOT, RedisServer
 from tests.test_ui_browser import CHROMIUM, CHROMIUM_ARGS, _free_port
 from ui.config import UIConfig
-from ui.dashboard import DashboardTab, curve_charts, fmt, iterations_table
+from ui.dashboard import DashboardTab, curve_charts, fmt, iterations_table, progress_text
 
 TOKEN = "dash-ui-token"
 ACCOUNTS = {"alice": "pw-alice", "bob": "pw-bob"}  # alice is the operator
@@ -169,6 +169,17 @@ def api(stack: dict, path: str) -> dict:
 
 
 @browser_test
+def test_progress_text_names_skipped_phases():
+    done = {"id": "it-0002", "status": "done", "version": "v2", "seconds": 3.0}
+    assert "skipped" not in progress_text({}, [done])
+    text = progress_text({}, [{**done, "skipped": ["sft"]}])
+    assert "published `v2`" in text and text.endswith("(sft skipped: nothing new)")
+    running = {"id": "it-0003", "phase": "sft", "phase_number": 2, "phases": 7, "step": 3,
+               "steps": 8, "started_at": time.time()}
+    assert "phase 2/7 `sft`, step 3/8" in progress_text({"running": True, "iteration": running},
+                                                         [])
+
+
 def test_operator_triggers_and_watches_an_iteration(browser, stack):
     from playwright.sync_api import expect
 

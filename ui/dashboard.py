@@ -166,8 +166,10 @@ def progress_text(status: Mapping[str, Any], iterations: Sequence[Mapping[str, A
         return "Idle: no iteration has run yet."
     last = iterations[-1]
     if last.get("status") == "done":
+        skipped = ", ".join(last.get("skipped") or [])
         return (f"Idle. Last iteration **{last['id']}** done: published "
-                f"`{last.get('version')}` in {fmt(last.get('seconds'))} s")
+                f"`{last.get('version')}` in {fmt(last.get('seconds'))} s"
+                + (f" ({skipped} skipped: nothing new)" if skipped else ""))
     # failed, interrupted (a restart), or running in another learner process
     return (f"Idle. Last iteration **{last['id']}** {last.get('status')}: "
             f"{last.get('error') or 'no adapter published'}")
