@@ -122,11 +122,12 @@ def _complete(root: Path) -> list[tuple[CheckpointInfo, Path]]:
 
 def save(root: Path, state: PPOState | None, *, version: str, parent: str | None,
          base_model: str, reference: dict[str, torch.Tensor] | None = None,
-         sft_demonstrations: int = 0) -> CheckpointInfo:
+         sft_demonstrations: int = 0, ppo_step: int = 0) -> CheckpointInfo:
     """Write the checkpoint of ``state`` published as ``version`` (atomic, manifest last);
     ``reference``: the SFT adapter's tensors (``learner.lora.adapter_tensors``) when PPO's
     reference is that adapter; ``state`` None: no PPO state yet (the policy starts as a
-    copy of the reference and its value head from the next RM)."""
+    copy of the reference and its value head from the next RM; ``ppo_step`` is the step
+    counter it will go on from)."""
     if state is None and reference is None:
         raise ValueError("a checkpoint needs a PPO state or a reference adapter")
     root.mkdir(parents=True, exist_ok=True)
@@ -149,7 +150,7 @@ def save(root: Path, state: PPOState | None, *, version: str, parent: str | None
     lora = policy_tensors(state) if state is not None else reference or {}
     lora_rank = next(p for n, p in lora.items() if ".lora_A." in n).shape[0]
     info = CheckpointInfo(sequence=sequence, version=version, parent=parent,
-                          base_model=base_model, ppo_step=state.step if state else 0,
+                          base_model=base_model, ppo_step=state.step if state else ppo_step,
                           kl_kind=type(state.kl_ctl).__name__ if state else "",
                           lora_rank=int(lora_rank),
                           sha256=adapter_store.sha256_file(final / STATE_FILE),

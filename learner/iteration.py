@@ -164,6 +164,8 @@ class Learner:
         if info.ppo:
             self.ppo = self._new_ppo_state()
             checkpoint.load_ppo_state_dict(self.ppo, saved, info.kl_kind)
+        else:  # SFT reset the policy (`rlhf sft`): the step counter goes on from here
+            self._ppo_steps = info.ppo_step
         self.parent = info.version
         self._ensure_registered(info.version)
         log.info("resumed the policy published as %s (reference %s, ppo step %d)",
@@ -384,7 +386,9 @@ class Learner:
         release = Release(
             peft=self.rm.peft, adapter=POLICY if self.ppo is not None else SFT, ppo=self.ppo,
             reference=self.reference.tensors(),
-            sft_demonstrations=self.reference.demonstrations, metrics=dict(progress.metrics),
+            sft_demonstrations=self.reference.demonstrations,
+            ppo_step=self.ppo.step if self.ppo is not None else self._ppo_steps,
+            metrics=dict(progress.metrics),
             config={**settings.describe(self.cfg), "iteration": progress.id})
 
         def checkpointed(version: str) -> None:

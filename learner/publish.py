@@ -37,6 +37,7 @@ class Release:
     ppo: PPOState | None
     reference: dict[str, torch.Tensor] | None
     sft_demonstrations: int
+    ppo_step: int  # the PPO step counter (when ``ppo`` is None: the one it goes on from)
     metrics: dict[str, Any]
     config: dict[str, Any]
 
@@ -64,7 +65,7 @@ def publish_version(client: redis.Redis, store: str | Path, data_dir: Path, chec
     pause_for_tests("publish:stored")
     checkpoint.save(data_dir / checkpoints, release.ppo, version=version, parent=parent,
                     base_model=base_model, reference=release.reference,
-                    sft_demonstrations=release.sft_demonstrations)
+                    sft_demonstrations=release.sft_demonstrations, ppo_step=release.ppo_step)
     on_checkpointed(version)
     pause_for_tests("publish:checkpointed")
     adapter_store.register(client, manifest, make_current=True)

@@ -255,6 +255,24 @@ def test_rlhf_sft_publishes_a_version_learn_continues_from(cfg, tmp_path):
             assert done.version == "v2" and done.skipped == ["sft"]
             assert learner.ppo is not None and learner.ppo.ref_adapter == SFT
             assert adapter_store.verify(cfg.adapter_store, "v2", cfg.model).parent == "v1"
+            steps = learner.ppo.step
+        finally:
+            learner.close()
+        # `rlhf sft` again, over a learner with a PPO policy: SFT on the 8 (stored once) +
+        # 2 new, the policy is replaced by it (v3, parent v2); the step counter goes on.
+        more = tmp_path / "more.jsonl"
+        more.write_text("".join(json.dumps({"prompt": d.messages[0].content,
+                                            "response": d.answer}) + "\n"
+                                for d in demos(2, start=60)))
+        proc = sft(more)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        event = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert event["version"] == "v3" and event["metrics"]["sft/demonstrations"] == 10
+        assert adapter_store.verify(cfg.adapter_store, "v3", cfg.model).parent == "v2"
+        learner = Learner(cfg, load_model(cfg.model, device="cpu"))
+        try:
+            assert learner.parent == "v3" and learner.ppo is None
+            assert learner.ensure_ppo().step == steps and learner.ppo.ref_adapter == SFT
         finally:
             learner.close()
     finally:
