@@ -43,7 +43,9 @@ MAX_TOP_K = 1 << 20
 
 ID_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
 VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+TASK_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a queued task (rlhf.tasks)
 ID_RULE = "8..64 characters of A-Z a-z 0-9 _ -"
+TASK_ID_RULE = "1..128 characters of A-Z a-z 0-9 . _ : -"
 VERSION_RULE = "letters, digits, '.', '_', '-', starting with a letter or digit; at most 64"
 
 _TIMESTAMP_MIN_S, _TIMESTAMP_MAX_S = -62135596800, 253402300799  # 0001-01-01 .. 9999-12-31
@@ -138,6 +140,9 @@ def validate_comparison(msg: Comparison, known_versions: Collection[str] | None 
     _check_ranking(msg.candidates)
     for name in ("comment", "ideal_answer"):
         _check_size(name, getattr(msg, name), limits)
+    if msg.task_id and TASK_ID_RE.fullmatch(msg.task_id) is None:
+        raise InvalidComparison("task_id", f"must be {TASK_ID_RULE} (or empty for free "
+                                f"chat), got {msg.task_id[:80]!r}")
     for name in ("created_at", "received_at"):
         if msg.HasField(name):
             _check_timestamp(name, getattr(msg, name))
