@@ -320,3 +320,19 @@ def freeze_candidates(client: redis.Redis, task_id: str, candidates: Sequence[Ca
     if raw is None:
         raise TaskError("task_id", f"{task_id!r} is not a queued task")
     return tuple(Candidate(**c) for c in json.loads(raw))
+
+
+def golden_map(client: redis.Redis) -> dict[str, Golden]:
+    """Every golden task's known answer, by task id (what agreement scores labelers with)."""
+    ids = [i.decode() if isinstance(i, bytes) else i for i in client.zrange(GOLDEN, 0, -1)]
+    if not ids:
+        return {}
+    pipe = client.pipeline(transaction=False)
+    for task_id in ids:
+        pipe.hget(task_key(task_id), "golden")
+    out = {}
+    for task_id, raw in zip(ids, pipe.execute(), strict=True):
+        if raw:
+            g = json.loads(raw)
+            out[task_id] = Golden(ranking=g.get("ranking"), best=g.get("best"))
+    return out
