@@ -7,6 +7,9 @@
   ``labeler_id`` field, incrementally: the stream is append-only and never trimmed, so each
   poll reads only the entries after the last one it counted. ``learned`` is the durable
   dataset's own per-labeler count (kept as it loads and appends: no disk read per poll).
+- ``labeler_quality``: rlhf.labelers' report over every ranking in the stream (fed by the
+  same incremental read) with the task queue's golden answers: agreement on overlapped
+  tasks, golden accuracy, median time per ranking, flag rate, per labeler and overall.
 - ``iterations``: the history (finished ones plus the running one) with the metrics the
   curves plot; a key an iteration did not log (e.g. a gold win rate outside simulations) is
   simply absent.
@@ -25,8 +28,9 @@ from typing import Any
 import redis
 
 from learner.dataset import ComparisonDataset
-from rlhf import adapter_store
-from rlhf.comparisons import GROUP, STREAM
+from rlhf import adapter_store, tasks
+from rlhf.comparisons import GROUP, STREAM, decode_entry
+from rlhf.labelers import LabelerStats
 
 # The per-iteration curves (docs/design.md §3 "log per iteration"), plus every key naming a gold
 # (simulated-labeler) metric.
@@ -91,20 +95,31 @@ class StreamTally:
         self.stream, self.page = stream, page
         self.last = "0-0"  # id of the last entry counted
         self.counts: Counter[str] = Counter()
+        self.stats = LabelerStats()  # the records themselves, for labeler_quality
         self._lock = threading.Lock()
 
     def update(self, client: redis.Redis) -> dict[str, int]:
         with self._lock:
             if int(client.xlen(self.stream)) < sum(self.counts.values()):
                 self.last, self.counts = "0-0", Counter()  # stream deleted and refilled
+                self.stats = LabelerStats()
             while True:
                 batch = client.xrange(self.stream, min="(" + self.last, max="+",
                                       count=self.page)
                 for entry_id, fields in batch:
                     self.counts[_text(fields.get(b"labeler_id")) or "?"] += 1
                     self.last = entry_id.decode()
+                    try:
+                        self.stats.add(decode_entry(fields))
+                    except Exception:  # a damaged entry is the learner's dead letter, not ours
+                        continue
                 if len(batch) < self.page:
                     return dict(self.counts)
+
+    def report(self, golden: Mapping[str, Any]) -> dict[str, Any]:
+        """rlhf.labelers' report over the entries counted so far."""
+        with self._lock:
+            return self.stats.report(golden)
 
 
 def labeler_rows(submitted: Mapping[str, int], learned: Mapping[str, int]
@@ -153,4 +168,5 @@ class Dashboard:
                 "queue": queue_depth(self.client),
                 "labelers": labeler_rows(self.submitted.update(self.client),
                                          self.dataset.labeler_counts()),
-                "adapters": adapters}
+                "adapters": adapters,
+                "labeler_quality": self.submitted.report(tasks.golden_map(self.client))}
