@@ -53,8 +53,10 @@ def test_ui_talks_to_the_wire_contract_only():
     for path, modules in _package_imports("ui").items():
         bad = {m for m in modules if _top(m) in {"serving", "learner", "torch", "transformers"}}
         # besides the wire contract: the torch-free task world and gold preference that
-        # simulated labelers rank with (the learner's efficacy benchmark uses the same rule)
-        allowed = ("rlhf.v1", "rlhf.gold", "rlhf.preferences", "rlhf.starter_data")
+        # simulated labelers rank with (the learner's efficacy benchmark uses the same rule),
+        # and the task queue's Redis layout ("Next task" leases queued prompts)
+        allowed = ("rlhf.v1", "rlhf.gold", "rlhf.preferences", "rlhf.starter_data",
+                   "rlhf.tasks")
         bad |= {m for m in modules if _top(m) == "rlhf" and not m.startswith(allowed)}
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
 
