@@ -68,8 +68,7 @@ class RankingApp:
         shown = turn.shown() if turn is not None else []
         n = len(shown) or self.k  # a queued task may fix fewer answers than K
         for pos in range(self.k):
-            out[self.cands[pos]] = gr.update(value=shown[pos].text if pos < len(shown) else "",
-                                             visible=pos < n)
+            out[self.cands[pos]] = shown[pos].text if pos < len(shown) else ""
             rank = gr.update(interactive=ready, visible=pos < n)
             flags = gr.update(interactive=ready, visible=pos < n)
             if reset:
@@ -198,13 +197,13 @@ class RankingApp:
             out[self.chat] = session["messages"]
         return out
 
-    def skip(self, session: dict, request: gr.Request) -> dict:
+    def skip(self, session: dict, request: gr.Request = None) -> dict:
         self.tasks.give_back(session, request)
         session["turn"] = None
         return {self.state: session, **self._controls(None, reset=True),
                 self.chat: session["messages"], self.status: "Skipped; nothing was stored."}
 
-    def new_conversation(self, session: dict, request: gr.Request) -> dict:
+    def new_conversation(self, session: dict, request: gr.Request = None) -> dict:
         self.tasks.give_back(session, request)
         session["turn"], session["messages"] = None, []
         return {self.state: session, **self._controls(None, reset=True), self.chat: [],

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 import redis
 
-from rlhf import tasks
+import rlhf.tasks as tasks
 from ui.config import UIConfig
 from ui.logic import Alternative, Turn, display_order
 
@@ -56,10 +56,15 @@ SHORTCUTS = ("⌨️ **1–9** rank the highlighted answer (then the next one is
 KEYBOARD_JS = """
 () => {
   let cur = 0;
-  const visible = () => [...document.querySelectorAll('[id^="cand-"]')]
-    .filter(el => /^cand-[0-9]+$/.test(el.id) && el.offsetParent !== null);
+  // the answers of this turn: those whose rank radio is shown (a task may fix fewer than K)
+  const visible = () => [...document.querySelectorAll('[id^="rank-"]')]
+    .filter(el => /^rank-[0-9]+$/.test(el.id) && el.offsetParent !== null);
   const mark = () => {
-    visible().forEach((el, i) => el.classList.toggle('kbd-current', i === cur));
+    const n = visible().length;
+    document.querySelectorAll('[id^="cand-"]').forEach(el => {
+      const i = Number(el.id.slice(5));
+      el.classList.toggle('kbd-current', i === cur && i < n);
+    });
   };
   document.addEventListener('keydown', (ev) => {
     const t = ev.target;
