@@ -111,3 +111,24 @@ def test_an_iteration_leaves_out_the_labeler_who_fails_golden_items(env):
     assert manifest.metrics["rm/excluded_labelers"] == 1
     assert manifest.config["rm"]["min_golden_accuracy"] == 0.6
     assert manifest.config["rm"]["min_scored"] == 2
+
+
+def test_operators_load_tasks_through_the_admin_api(env):
+    from fastapi.testclient import TestClient
+
+    from learner.admin_api import Runner, create_app
+
+    http = TestClient(create_app(Runner(env["learner"]), "tok"))
+    auth = {"Authorization": "Bearer tok"}
+    body = '{"id": "q1", "prompt": "Hello?"}\n{"id": "q2", "prompt": "Bye?", "labelers": 3}\n'
+    assert http.post("/v1/tasks", content=body).status_code == 401
+    reply = http.post("/v1/tasks", content=body, headers=auth)
+    assert reply.status_code == 200 and reply.json() == {"loaded": 2, "golden": 0,
+                                                         "overlapped": 1}
+    again = http.post("/v1/tasks", content=body, headers=auth)
+    assert again.status_code == 400 and "'q1' is queued already" in again.json()["detail"]
+    bad = http.post("/v1/tasks", content='{"id": "q3", "prompt": "ok"}\n{"prompt": ""}',
+                    headers=auth)
+    assert bad.status_code == 400 and "line 2: prompt is empty" in bad.json()["detail"]
+    assert tasks.get(env["client"], "q3") is None and tasks.get(env["client"], "q2").wanted == 3
+    assert "/v1/tasks" in http.get("/openapi.json", headers=auth).json()["paths"]

@@ -212,3 +212,30 @@ def test_a_task_leaves_the_open_set_when_its_slots_are_ranked(r, redis_server):
     tasks.lease(r, "alice")
     asyncio.run(scenario())
     assert r.zcard(tasks.OPEN) == 0 and tasks.lease(r, "bob") is None
+
+
+def test_an_expired_lease_submits_while_the_slot_is_free_not_once_it_is_taken(r, redis_server):
+    tasks.load(r, tasks.parse_lines(lines({"id": "t1", "prompt": "one"},
+                                          {"id": "t2", "prompt": "two"})))
+    t1, t2 = tasks.get(r, "t1"), tasks.get(r, "t2")
+    past = 1_000_000  # leases of 1 s taken long ago: expired now
+    assert tasks.lease(r, "alice", lease_s=1, now_ms=past).id == "t1"
+    assert tasks.lease(r, "bob", lease_s=600).id == "t1"  # alice's expired slot
+    assert tasks.lease(r, "carol", lease_s=1, now_ms=past).id == "t2"
+
+    async def scenario() -> list:
+        store = ComparisonStore.from_url(redis_server.db_url(DB))
+        service = FeedbackService(store, RegisteredVersions(store.client))
+        out = []
+        for rec in (ranking(t1, [1, 2], "alice"), ranking(t2, [1, 2], "carol")):
+            try:
+                out.append(await service.submit(rec))
+            except ServiceError as exc:
+                out.append(exc)
+        await store.close()
+        return out
+
+    taken, late = asyncio.run(scenario())
+    assert taken.code is Code.FAILED_PRECONDITION and "lease expired" in str(taken)
+    assert not late.duplicate  # nobody took t2: a late ranking still counts
+    assert r.xlen(STREAM) == 1
