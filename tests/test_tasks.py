@@ -239,3 +239,20 @@ def test_an_expired_lease_submits_while_the_slot_is_free_not_once_it_is_taken(r,
     assert taken.code is Code.FAILED_PRECONDITION and "lease expired" in str(taken)
     assert not late.duplicate  # nobody took t2: a late ranking still counts
     assert r.xlen(STREAM) == 1
+
+
+def test_a_malformed_task_id_is_invalid_argument(r, redis_server):
+    rec = ranking(tasks.Task("ok", (("user", "one"),)), [1, 2], "alice")
+    rec.task_id = "two words"
+
+    async def scenario():
+        store = ComparisonStore.from_url(redis_server.db_url(DB))
+        try:
+            await FeedbackService(store, RegisteredVersions(store.client)).submit(rec)
+        finally:
+            await store.close()
+
+    with pytest.raises(ServiceError) as err:
+        asyncio.run(scenario())
+    assert err.value.code is Code.INVALID_ARGUMENT and err.value.field == "task_id"
+    assert r.xlen(STREAM) == 0
