@@ -3,13 +3,17 @@
 - ``queue``: the comparisons stream's length and the "learner" consumer group's ``lag``
   (entries never delivered to it) and ``pending`` (delivered, not yet acknowledged, e.g.
   after a crash), from XINFO GROUPS; ``depth`` = lag + pending is what the next drain reads.
-- ``labelers``: comparisons per labeler id. ``submitted`` is counted from the stream's
-  ``labeler_id`` field, incrementally: the stream is append-only and never trimmed, so each
-  poll reads only the entries after the last one it counted. ``learned`` is the durable
-  dataset's own per-labeler count (kept as it loads and appends: no disk read per poll).
-- ``labeler_quality``: rlhf.labelers' report over every ranking in the stream (fed by the
-  same incremental read) with the task queue's golden answers: agreement on overlapped
-  tasks, golden accuracy, median time per ranking, flag rate, per labeler and overall.
+- ``labelers``: comparisons and demonstrations per labeler id. ``submitted`` is counted from
+  the comparisons stream's ``labeler_id`` field, incrementally: the stream is append-only and
+  never trimmed, so each poll reads only the entries after the last one it counted.
+  ``learned`` is the durable dataset's own per-labeler count (kept as it loads and appends:
+  no disk read per poll). ``demonstrations_submitted`` / ``demonstrations_learned`` are the
+  same for the demonstrations stream and dataset (stored demonstrations; a comparison's
+  ideal answer counts with its comparison).
+- ``labeler_quality``: rlhf.labelers' report over every ranking in the comparisons stream
+  (fed by the same incremental read) with the task queue's golden answers: agreement on
+  overlapped tasks, golden accuracy, median time per ranking, flag rate, per labeler and
+  overall.
 - ``iterations``: the history (finished ones plus the running one) with the metrics the
   curves plot; a key an iteration did not log (e.g. a gold win rate outside simulations) is
   simply absent.
@@ -19,6 +23,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter
@@ -27,9 +32,9 @@ from typing import Any
 
 import redis
 
-from learner.dataset import ComparisonDataset
+from learner.dataset import ComparisonDataset, DemonstrationDataset
 from rlhf import adapter_store, tasks
-from rlhf.comparisons import GROUP, STREAM, decode_entry
+from rlhf.comparisons import DEMONSTRATIONS, GROUP, STREAM, decode_entry
 from rlhf.labelers import LabelerStats
 
 # The per-iteration curves (docs/design.md §3 "log per iteration"), plus every key naming a gold
@@ -89,44 +94,52 @@ def _text(value: bytes | str | None) -> str | None:
 
 
 class StreamTally:
-    """Comparisons per labeler in the stream, counted once each (thread-safe)."""
+    """Records per labeler in one stream, counted once each (thread-safe)."""
 
     def __init__(self, stream: str = STREAM, page: int = 1000) -> None:
         self.stream, self.page = stream, page
         self.last = "0-0"  # id of the last entry counted
         self.counts: Counter[str] = Counter()
-        self.stats = LabelerStats()  # the records themselves, for labeler_quality
+        self.stats = self._fresh_stats()  # the comparisons themselves, for labeler_quality
         self._lock = threading.Lock()
+
+    def _fresh_stats(self) -> LabelerStats | None:
+        return LabelerStats() if self.stream == STREAM else None
 
     def update(self, client: redis.Redis) -> dict[str, int]:
         with self._lock:
             if int(client.xlen(self.stream)) < sum(self.counts.values()):
                 self.last, self.counts = "0-0", Counter()  # stream deleted and refilled
-                self.stats = LabelerStats()
+                self.stats = self._fresh_stats()
             while True:
                 batch = client.xrange(self.stream, min="(" + self.last, max="+",
                                       count=self.page)
                 for entry_id, fields in batch:
                     self.counts[_text(fields.get(b"labeler_id")) or "?"] += 1
                     self.last = entry_id.decode()
-                    try:
-                        self.stats.add(decode_entry(fields))
-                    except Exception:  # a damaged entry is the learner's dead letter, not ours
-                        continue
+                    if self.stats is not None:
+                        # a damaged entry is the learner's to dead-letter, not ours to count
+                        with contextlib.suppress(Exception):
+                            self.stats.add(decode_entry(fields))
                 if len(batch) < self.page:
                     return dict(self.counts)
 
     def report(self, golden: Mapping[str, Any]) -> dict[str, Any]:
-        """rlhf.labelers' report over the entries counted so far."""
+        """rlhf.labelers' report over the comparisons counted so far."""
         with self._lock:
-            return self.stats.report(golden)
+            return (self.stats or LabelerStats()).report(golden)
 
 
-def labeler_rows(submitted: Mapping[str, int], learned: Mapping[str, int]
-                 ) -> dict[str, dict[str, int]]:
-    """``{labeler: {submitted, learned}}`` over every labeler either side knows."""
-    return {who: {"submitted": int(submitted.get(who, 0)), "learned": int(learned.get(who, 0))}
-            for who in sorted(set(submitted) | set(learned))}
+def labeler_rows(submitted: Mapping[str, int], learned: Mapping[str, int],
+                 demos_submitted: Mapping[str, int] | None = None,
+                 demos_learned: Mapping[str, int] | None = None) -> dict[str, dict[str, int]]:
+    """``{labeler: {submitted, learned, demonstrations_submitted, demonstrations_learned}}``
+    over every labeler any side knows."""
+    counts = {"submitted": submitted, "learned": learned,
+              "demonstrations_submitted": demos_submitted or {},
+              "demonstrations_learned": demos_learned or {}}
+    everyone = sorted(set().union(*counts.values()))
+    return {who: {name: int(by.get(who, 0)) for name, by in counts.items()} for who in everyone}
 
 
 def adapter_rows(client: redis.Redis) -> list[dict[str, Any]]:
@@ -148,9 +161,11 @@ def adapter_rows(client: redis.Redis) -> list[dict[str, Any]]:
 class Dashboard:
     """The aggregation behind ``GET /v1/dashboard``; keeps the per-labeler tallies."""
 
-    def __init__(self, client: redis.Redis, dataset: ComparisonDataset) -> None:
-        self.client, self.dataset = client, dataset
+    def __init__(self, client: redis.Redis, dataset: ComparisonDataset,
+                 demonstrations: DemonstrationDataset | None = None) -> None:
+        self.client, self.dataset, self.demonstrations = client, dataset, demonstrations
         self.submitted = StreamTally()
+        self.demos_submitted = StreamTally(DEMONSTRATIONS.stream)
 
     def snapshot(self, history: Sequence[Mapping[str, Any]], running: Mapping[str, Any] | None,
                  limit: int = 100) -> dict[str, Any]:
@@ -166,7 +181,9 @@ class Dashboard:
                            "current_adapter": adapter_store.current(self.client)},
                 "iterations": iterations,
                 "queue": queue_depth(self.client),
-                "labelers": labeler_rows(self.submitted.update(self.client),
-                                         self.dataset.labeler_counts()),
+                "labelers": labeler_rows(
+                    self.submitted.update(self.client), self.dataset.labeler_counts(),
+                    self.demos_submitted.update(self.client),
+                    self.demonstrations.labeler_counts() if self.demonstrations else {}),
                 "adapters": adapters,
                 "labeler_quality": self.submitted.report(tasks.golden_map(self.client))}
