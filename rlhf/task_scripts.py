@@ -45,14 +45,22 @@ local function take(id)
 end
 local held = redis.call('GET', P .. 'lease:' .. who)
 if held and free(P, held, who, now) then return take(held) end
-if ARGV[5] == '1' then
-  for _, id in ipairs(redis.call('ZRANGE', P .. 'golden', 0, -1)) do
-    if free(P, id, who, now) then return take(id) end
+-- Oldest first, 100 ids a page: the scan stops at the first free slot (in steady state
+-- past the tasks other labelers hold), never reading the whole queue for nothing.
+local function first_free(key)
+  local start = 0
+  while true do
+    local ids = redis.call('ZRANGE', key, start, start + 99)
+    for _, id in ipairs(ids) do
+      if free(P, id, who, now) then return id end
+    end
+    if #ids < 100 then return nil end
+    start = start + 100
   end
 end
-for _, id in ipairs(redis.call('ZRANGE', P .. 'open', 0, -1)) do
-  if free(P, id, who, now) then return take(id) end
-end
+local id = ARGV[5] == '1' and first_free(P .. 'golden') or nil
+id = id or first_free(P .. 'open')
+if id then return take(id) end
 return false
 """
 

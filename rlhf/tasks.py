@@ -20,6 +20,10 @@ Redis layout (prefix ``rlhf:tasks:``; one Redis, scripts name keys they derive f
   ``lease:<labeler>``    the task the labeler holds (a reopened tab gets it back)
 A slot is taken by a stored ranking or an unexpired lease; an expired lease frees it, so a
 closed tab loses nothing; a task is never handed to a labeler who ranked or skipped it.
+A task leaves ``open`` once its slots are ranked, so a lease scans (100 ids a page, oldest
+first) only past tasks held by others or already done by this labeler: measured on one
+Redis, ~2.6 ms a lease + release round trip when the first task is free; 146 ms in the
+worst case of 4999 tasks all held by other labelers (the scan is one Lua call).
 """
 
 from __future__ import annotations
