@@ -182,6 +182,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` with world size 1)."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 @torch.no_grad()
 def broadcast_params(params: Sequence[Tensor], src: int = 0) -> None:
     """Copy rank ``src``'s values of ``params`` (a fresh LoRA / head) to every rank, in one

@@ -40,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 from learner import checkpoint, records
+from learner.cluster import Cluster
 from learner.config import LearnerConfig
 from learner.dataset import ComparisonDataset
 from learner.intake import Intake
@@ -92,14 +93,17 @@ class Learner:
     iteration at a time, which ``admin_api.Runner`` guarantees)."""
 
     def __init__(self, cfg: LearnerConfig, loaded: LoadedModel,
-                 client: redis.Redis | None = None) -> None:
+                 client: redis.Redis | None = None, cluster: Cluster | None = None) -> None:
         self.cfg, self.loaded = cfg, loaded
         self.rm_cfg, self.ppo_cfg = cfg.rm, cfg.ppo
-        self.client = client or redis.Redis.from_url(cfg.redis_url, socket_connect_timeout=5.0)
+        self.cluster = cluster or Cluster()  # ranks > 0 of torchrun: no Redis, no data dir
         self.data_dir = Path(cfg.data_dir)
-        self.dataset = ComparisonDataset(self.data_dir / "comparisons")
         self.name = cfg.consumer or f"learner-{socket.gethostname()}"
-        self.intake = Intake(cfg.redis_url, self.dataset, self.name)
+        if self.cluster.is_leader:
+            self.client = client or redis.Redis.from_url(cfg.redis_url,
+                                                         socket_connect_timeout=5.0)
+            self.dataset = ComparisonDataset(self.data_dir / "comparisons")
+            self.intake = Intake(cfg.redis_url, self.dataset, self.name)
         torch.manual_seed(cfg.seed)
         self.rm = RewardModel(loaded.model, self.rm_cfg)  # the one base, wrapped once
         # Retraining "on all data" starts from the same init each time (not from last time).
@@ -116,16 +120,23 @@ class Learner:
 
     def _recover(self) -> None:
         """Startup: mark killed iterations, sweep what a kill left, continue the policy from
-        the newest checkpoint (a fresh data dir starts from the base)."""
-        interrupted = records.mark_interrupted(self.client, self.data_dir / "iterations",
-                                               self.name)
-        swept = checkpoint.sweep_leftovers(self.data_dir, CHECKPOINT, self.cfg.adapter_store,
-                                           set(adapter_store.list_versions(self.client)))
-        if interrupted or swept:
-            log.warning("recovered from a restart: interrupted %s, removed leftovers %s",
-                        interrupted, swept)
-        restored = checkpoint.load_latest(self.data_dir / CHECKPOINT, self.loaded.name,
-                                          self.rm.device)
+        the newest checkpoint (a fresh data dir starts from the base); the other ranks of
+        a cluster get rank 0's checkpoint from it."""
+        restored = None
+        if self.cluster.is_leader:
+            interrupted = records.mark_interrupted(self.client, self.data_dir / "iterations",
+                                                   self.name)
+            swept = checkpoint.sweep_leftovers(self.data_dir, CHECKPOINT,
+                                               self.cfg.adapter_store,
+                                               set(adapter_store.list_versions(self.client)))
+            if interrupted or swept:
+                log.warning("recovered from a restart: interrupted %s, removed leftovers %s",
+                            interrupted, swept)
+            restored = checkpoint.load_latest(self.data_dir / CHECKPOINT, self.loaded.name,
+                                              "cpu" if self.cluster.distributed
+                                              else self.rm.device)
+        if self.cluster.distributed:
+            restored = self.cluster.share(restored)
         if restored is None:
             log.info("no checkpoint in %s: the policy starts from the base", self.data_dir)
             return
@@ -134,7 +145,8 @@ class Learner:
                                   rm=self.rm)  # reference: the base, adapters off, as before
         checkpoint.load_ppo_state_dict(self.ppo, saved, info.kl_kind)
         self.parent = info.version
-        self._ensure_registered(info.version)
+        if self.cluster.is_leader:
+            self._ensure_registered(info.version)
         log.info("resumed the policy published as %s (ppo step %d, beta %.4g)", info.version,
                  self.ppo.step, self.ppo.kl_ctl.value)
 
@@ -148,16 +160,18 @@ class Learner:
     def new_id(self) -> str:
         return f"it-{int(self.client.incr(SEQ)):04d}"
 
+    def phases(self) -> dict[str, Callable[[Work, Progress], None]]:
+        """The phases of one iteration, in order, by their PHASES name."""
+        return dict(zip(PHASES, [self.drain, self.reward_model, self.train_policy,
+                                 self.evaluate, self.publish, self.record], strict=True))
+
     def run(self, progress: Progress) -> Progress:
         """Phases 1-6 in order; a failing phase marks the iteration failed (and re-raises)."""
         work = Work()
-        steps: list[Callable[[Work, Progress], None]] = [
-            self.drain, self.reward_model, self.train_policy, self.evaluate, self.publish,
-            self.record]
-        with self.lock:
+        with self.lock, self.cluster.iteration():
             self.active, progress.learner = progress, self.name
             try:
-                for number, (name, phase) in enumerate(zip(PHASES, steps, strict=True), 1):
+                for number, (name, phase) in enumerate(self.phases().items(), 1):
                     progress.phase, progress.phase_number = name, number
                     progress.step = progress.steps = 0
                     self._store_record(progress)  # "running" in this phase: a kill shows
@@ -165,6 +179,7 @@ class Learner:
                              name)
                     pause_for_tests(name)
                     start = time.perf_counter()
+                    self.cluster.before_phase(name, progress.id, work)  # shared: all ranks
                     phase(work, progress)
                     progress.seconds[name] = time.perf_counter() - start
             except Exception as exc:
@@ -333,6 +348,7 @@ class Learner:
         return float(loss)
 
     def close(self) -> None:
-        self.intake.close()
-        self.dataset.close()
-        self.client.close()
+        if self.cluster.is_leader:
+            self.intake.close()
+            self.dataset.close()
+            self.client.close()

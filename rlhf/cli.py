@@ -119,6 +119,12 @@ def _learn(argv: Sequence[str]) -> int:
     config = _config(argv, LearnerConfig, "rlhf learn",
                      "Run the learner: iterations on demand via its admin API.", ENV_PREFIX)
     _resolve_model("rlhf learn", config.model)
+    if config.nproc > 1 and "WORLD_SIZE" not in os.environ:  # become torchrun's agent
+        from learner.main import torchrun_argv
+
+        cmd = torchrun_argv(config.nproc, argv)
+        sys.stdout.flush()
+        os.execv(cmd[0], cmd)
     return run(config)
 
 
