@@ -139,6 +139,7 @@ class Cluster:
         with self._lock:
             if self._shared:  # an iteration is inside collectives: torchrun ends the rest
                 return
+            log.info("stopping the other %d ranks", self.world - 1)
             try:
                 dd.broadcast_object(Command("stop"))
             except Exception:
@@ -147,7 +148,11 @@ class Cluster:
     # -- a follower ----------------------------------------------------------------------------
     def follow(self, learner: Any) -> None:
         """Run the phases the leader sends until it says stop (or dies: the collective then
-        raises and this process ends, non-zero)."""
+        raises and this process ends, non-zero). SIGTERM and SIGINT (torchrun passes them
+        on, a terminal's Ctrl-C reaches every rank) are ignored: the leader's shutdown
+        sends ``stop``, and torchrun SIGKILLs a rank that outlives its grace period."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
         work = None
         while True:
             command: Command = dd.broadcast_object(None)

@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -96,6 +97,11 @@ def run(cfg: LearnerConfig) -> int:
                                  "ranks": ranks}) + "\n")
     sys.stdout.flush()
     cluster.start_heartbeat()
+    # uvicorn re-raises the SIGTERM/SIGINT it shut down on once it is done: held here until
+    # the other ranks are released and the dataset closed, then raised (exit as signalled).
+    caught: list[int] = []
+    held = {sig: signal.signal(sig, lambda s, _frame: caught.append(s))
+            for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.run(sockets=[sock])
     finally:
@@ -104,6 +110,10 @@ def run(cfg: LearnerConfig) -> int:
         cluster.stop()
         learner.close()
         dd.close()
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
+    if caught:
+        signal.raise_signal(caught[0])
     return 0
 
 

@@ -10,8 +10,9 @@ from collections.abc import Callable, Sequence
 
 
 def _logging(verbose: bool) -> None:
+    rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s {rank}%(name)s: %(message)s")
 
 
 def _config(argv: Sequence[str], cls: type, prog: str, what: str, prefix: str):
