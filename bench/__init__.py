@@ -1,0 +1,1 @@
+"""Benchmarks, apart from the product paths they measure (docs/design.md §7)."""
