@@ -49,6 +49,13 @@ SAME = ("rm/train_loss", "rm/accuracy", "rm/loss", "rm/bias", "ppo/kl", "ppo/sco
 TIMES = ("rm/train_seconds", "time/generate_total_s", "time/score_total_s", "time/train_total_s")
 
 
+def peak_rss_mb(pid: int) -> float:
+    """The most resident memory a process has held (VmHWM), in MiB."""
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines()
+                if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -101,6 +108,7 @@ def one_run(model: str, procs: int, url: str, root: Path, settings: dict) -> dic
                    )["status"] == "running":
                 time.sleep(0.5)
         cpu = [cpu_seconds(pid) - before for pid, before in zip(pids, cpu, strict=True)]
+        rss = [peak_rss_mb(pid) for pid in pids]
         if body["status"] != "done":
             raise RuntimeError(f"iteration {body['status']}: {body.get('error')}")
     finally:
@@ -112,7 +120,7 @@ def one_run(model: str, procs: int, url: str, root: Path, settings: dict) -> dic
             proc.wait()
     return {"procs": procs, "ranks": len(pids), "startup_s": startup,
             "iteration_s": body["finished_at"] - body["started_at"],
-            "cpu_s_per_rank": cpu, "phase_s": body["seconds"],
+            "cpu_s_per_rank": cpu, "peak_rss_mb_per_rank": rss, "phase_s": body["seconds"],
             "times": {k: body["metrics"].get(k) for k in TIMES}, "metrics": body["metrics"],
             "adapter": str(root / "store" / body["version"] / "adapter_model.safetensors")}
 

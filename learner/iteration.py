@@ -338,7 +338,8 @@ class Learner:
     # helpers ------------------------------------------------------------------------------
     def _bar(self, progress: Progress, what: str, total: int | None = None
              ) -> AbstractContextManager[tqdm]:
-        return records.progress_bar(f"{progress.id} {what}", total, self.cfg.progress_bars)
+        return records.progress_bar(f"{progress.id} {what}", total,
+                                    self.cfg.progress_bars and self.cluster.is_leader)
 
     @torch.no_grad()
     def _ptx_loss(self, texts: Sequence[str]) -> float:

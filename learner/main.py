@@ -67,8 +67,9 @@ def run(cfg: LearnerConfig) -> int:
     device = cfg.device
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         die_with_parent()
-        joined = dd.init_from_env(timeout_s=cfg.dist_timeout_s)
-        device = str(joined) if joined.type == "cuda" else device
+        wants_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+        joined = dd.init_from_env(timeout_s=cfg.dist_timeout_s, cuda=not wants_cpu)
+        device = str(joined) if cfg.device in ("auto", "cuda") else device  # cuda:LOCAL_RANK
     cluster = Cluster(cfg.dist_heartbeat_s)
     loaded = load_model(cfg.model, device=device, dtype=cfg.dtype,
                         load_in_4bit=cfg.load_in_4bit)  # the one base model of this process
