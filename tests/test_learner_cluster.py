@@ -143,6 +143,7 @@ def _rel(a: dict, b: dict, keys) -> float:
     return (num / sum((b[k] ** 2).sum().item() for k in keys)) ** 0.5
 
 
+@pytest.mark.slow
 def test_two_processes_publish_what_one_process_publishes(env, redis_server, tmp_path):
     submit(env["client"], 0, 9)
     cluster = env["cluster"] = Cluster(env)
@@ -188,6 +189,8 @@ def test_two_processes_publish_what_one_process_publishes(env, redis_server, tmp
         assert m2[key] == pytest.approx(m1[key], rel=1e-3, abs=1e-5), key
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # three starts of two ranks and three iterations: ~2 min here
 def test_a_dead_rank_stops_the_learner_and_the_next_start_recovers(env):
     client, pause, cluster = env["client"], Path(env["pause_file"]), env["cluster"]
     if cluster is None:
@@ -248,3 +251,36 @@ def test_a_dead_rank_stops_the_learner_and_the_next_start_recovers(env):
     cluster.stop()  # SIGTERM to torchrun: it passes it on, rank 0 shuts down, tells rank 1
     assert not any(_alive(pid) for pid in cluster.pids)
     assert "rank 1: the leader stopped" in cluster.log.read_text(), cluster.tail()
+
+
+def test_groups_join_and_the_knobs_are_checked():
+    """Rollouts of several groups join into one padded batch (masks keep the real tokens);
+    bad group counts and heartbeat/timeouts are refused naming the field; `--nproc` runs
+    torchrun with no learner flag parsed by torchrun."""
+    from learner.cluster import Cluster as Side
+    from learner.main import torchrun_argv
+    from learner.ppo import PPOConfig, Rollout, join_rollouts
+
+    a = Rollout(["p"], torch.tensor([[5, 6]]), torch.ones(1, 2, dtype=torch.long),
+                torch.tensor([[7]]), torch.ones(1, 1, dtype=torch.long), ["x"])
+    b = Rollout(["q"], torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long),
+                torch.tensor([[8, 9]]), torch.ones(1, 2, dtype=torch.long), ["y"])
+    joined = join_rollouts([a, b], pad=0)
+    assert joined.query.tolist() == [[0, 5, 6], [1, 2, 3]]
+    assert joined.query_mask.tolist() == [[0, 1, 1], [1, 1, 1]]
+    assert joined.response.tolist() == [[7, 0], [8, 9]]
+    assert joined.response_mask.tolist() == [[1, 0], [1, 1]]
+    assert (joined.prompts, joined.texts) == (["p", "q"], ["x", "y"])
+    assert join_rollouts([a], pad=0) is a
+    with pytest.raises(ValueError, match="rollout_groups"):
+        PPOConfig(batch_size=4, minibatch_size=2, rollout_groups=3)
+    with pytest.raises(ValueError, match="dist_heartbeat_s"):
+        from_flat(LearnerConfig, {"dist_heartbeat_s": 60, "dist_timeout_s": 30})
+    cmd = torchrun_argv(2, ["--nproc", "2", "--port", "0"])
+    assert cmd[cmd.index("--") + 1:] == ["rlhf.cli", "learn", "--nproc", "2", "--port", "0"]
+    side = Side()  # one process: no channel, every hook a no-op
+    assert side.is_leader and not side.distributed
+    side.before_phase("ppo", "it-1", object())
+    with side.iteration():
+        pass
+    side.stop()
