@@ -1,10 +1,10 @@
 """One learner iteration with 1 vs N processes: `rlhf learn` vs `rlhf learn --nproc N`.
 
-    python -m bench.dist [--model starter|smollm2-135m-instruct|DIR] [--procs 2] [--out F]
+    rlhf bench dist [--model starter|smollm2-135m-instruct|DIR] [--procs 2] [--out F]
 
 Each run is a real `rlhf learn` child (CPU, gloo, ``--threads 1`` per process) on its own
 data dir, adapter store and Redis db of one private redis-server, fed the same K = 4
-comparisons of the starter tasks, triggered once over the admin API and timed from the
+comparisons (``kit.records.synthetic_k4``), triggered once over the admin API and timed from the
 iteration's own record (``finished_at - started_at``, phase seconds) plus the start-up to
 the listening line. Both runs sample the same episodes (``ppo_rollout_groups`` = N, one
 minibatch per batch), so the published adapters and the metrics must agree within the
@@ -18,27 +18,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
 import redis
-import torch
 from safetensors.torch import load_file
 
+from bench.kit.children import ROOT, stop_process
+from bench.kit.records import synthetic_k4
+from bench.kit.report import machine, write_report
 from rlhf import comparisons as stream
 from rlhf.local_redis import RedisServer
-from rlhf.starter_data import make_tasks, render_answer
-from rlhf.v1 import feedback_pb2 as fb
-from rlhf.v1 import policy_pb2 as pb
 
-ROOT = Path(__file__).resolve().parent.parent
-RANKING = [("polite", 1), ("plain", 2), ("terse", 3), ("verbose", 4)]
 SETTINGS = dict(prompts_per_iteration=16, eval_prompts=4, ptx_eval_texts=4, rm_batch=8,
                 rm_max_length=128, rm_heldout_fraction=0.25, ppo_steps=2, ppo_batch_size=8,
                 ppo_minibatch_size=8, ppo_max_new_tokens=24, ppo_ptx_coef=0.5,
@@ -60,21 +56,6 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def comparisons(n: int, seed: int = 0) -> list[fb.Comparison]:
-    """Deterministic rankings polite > plain > terse > verbose by 4 labelers."""
-    rng, out = random.Random(seed), []
-    for i, task in enumerate(make_tasks(n, seed)):
-        record = fb.Comparison(id=f"cmp-dist-{i:05d}", labeler_id=f"labeler-{i % 4}",
-                               messages=[pb.ChatMessage(role="user", content=task.prompt)])
-        order = list(RANKING)
-        rng.shuffle(order)
-        for position, (style, rank) in enumerate(order):
-            record.candidates.add(text=render_answer(task, style, rng), rank=rank,
-                                  position=position, adapter_version="base")
-        out.append(record)
-    return out
 
 
 def flags(settings: dict) -> list[str]:
@@ -112,12 +93,7 @@ def one_run(model: str, procs: int, url: str, root: Path, settings: dict) -> dic
         if body["status"] != "done":
             raise RuntimeError(f"iteration {body['status']}: {body.get('error')}")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process(proc, 60.0)
     return {"procs": procs, "ranks": len(pids), "startup_s": startup,
             "iteration_s": body["finished_at"] - body["started_at"],
             "cpu_s_per_rank": cpu, "peak_rss_mb_per_rank": rss, "phase_s": body["seconds"],
@@ -138,13 +114,7 @@ def compare(one: dict, many: dict) -> dict:
             "metrics_max_rel": max(abs(m2[k] - m1[k]) / max(abs(m1[k]), 1e-6) for k in SAME)}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="", help="as `rlhf learn --model` (empty: starter)")
-    parser.add_argument("--procs", type=int, default=2)
-    parser.add_argument("--comparisons", type=int, default=48)
-    parser.add_argument("--out", default="", help="also write the JSON report here")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> dict:
     settings = {**SETTINGS, "ppo_rollout_groups": args.procs}
     with tempfile.TemporaryDirectory(prefix="bench-dist-") as tmp:
         server = RedisServer(Path(tmp) / "redis")
@@ -153,31 +123,36 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             for db, procs in enumerate((1, args.procs), start=1):
                 client = redis.Redis.from_url(server.db_url(db))
-                stream.append_many(client, comparisons(args.comparisons))
+                stream.append_many(client, synthetic_k4(args.comparisons, seed=0))
                 client.close()
                 (Path(tmp) / str(procs)).mkdir()
                 runs.append(one_run(args.model, procs, server.db_url(db), Path(tmp) / str(procs),
                                     settings))
-            report = {"model": args.model or "starter", "threads_per_process": 1,
-                      "cpus": os.cpu_count(), "torch": torch.__version__,
-                      "settings": settings, "comparisons": args.comparisons,
-                      "runs": [{k: v for k, v in r.items() if k not in ("adapter", "metrics")}
-                               | {"metrics": {k: r["metrics"].get(k) for k in SAME}}
-                               for r in runs],
-                      "speedup": runs[0]["iteration_s"] / runs[1]["iteration_s"],
-                      # on a loaded machine: the wall time N free cores would give
-                      "cpu_bound_speedup": max(runs[0]["cpu_s_per_rank"])
-                      / max(runs[1]["cpu_s_per_rank"]),
-                      "load_average": os.getloadavg()[0],
-                      **compare(runs[0], runs[1])}
         finally:
             server.stop()
-    text = json.dumps(report, indent=2)
-    print(text)  # the report (CLI output)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return report
+    return {"model": args.model or "starter", "threads_per_process": 1,
+            "machine": machine("torch", load_average=os.getloadavg()[0]),
+            "settings": settings, "comparisons": args.comparisons,
+            "runs": [{k: v for k, v in r.items() if k not in ("adapter", "metrics")}
+                     | {"metrics": {k: r["metrics"].get(k) for k in SAME}} for r in runs],
+            "speedup": runs[0]["iteration_s"] / runs[1]["iteration_s"],
+            # on a loaded machine: what N free cores would give
+            "cpu_bound_speedup": max(runs[0]["cpu_s_per_rank"])
+            / max(runs[1]["cpu_s_per_rank"]),
+            **compare(runs[0], runs[1])}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rlhf bench dist",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="", help="as `rlhf learn --model` (empty: starter)")
+    parser.add_argument("--procs", type=int, default=2)
+    parser.add_argument("--comparisons", type=int, default=48)
+    parser.add_argument("--out", default="", help="also write the JSON report here")
+    args = parser.parse_args(argv)
+    write_report(run(args), args.out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Benchmark-only environment .venv-trl for `python -m learner.trl_bench rm|ppo` (issue #4):
+# Benchmark-only environment .venv-trl for `python -m bench.trl rm|ppo` (issue #4):
 # our trainers side by side with TRL's. TRL is never a runtime dependency of the project, so
 # it lives here and not in pyproject.toml. Idempotent; re-runs are fast (stamp file).
 #

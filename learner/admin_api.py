@@ -163,7 +163,8 @@ def create_app(runner: Runner, admin_token: str = "") -> FastAPI:
     def status() -> dict[str, Any]:
         return runner.status()
 
-    board = Dashboard(runner.learner.client, runner.learner.dataset)
+    board = Dashboard(runner.learner.client, runner.learner.dataset,
+                      runner.learner.demonstration_dataset)
 
     @app.get("/v1/dashboard")
     def dashboard(limit: int = Query(100, ge=1, le=10_000)) -> dict[str, Any]:

@@ -3,10 +3,13 @@
 - ``queue``: the comparisons stream's length and the "learner" consumer group's ``lag``
   (entries never delivered to it) and ``pending`` (delivered, not yet acknowledged, e.g.
   after a crash), from XINFO GROUPS; ``depth`` = lag + pending is what the next drain reads.
-- ``labelers``: comparisons per labeler id. ``submitted`` is counted from the stream's
-  ``labeler_id`` field, incrementally: the stream is append-only and never trimmed, so each
-  poll reads only the entries after the last one it counted. ``learned`` is the durable
-  dataset's own per-labeler count (kept as it loads and appends: no disk read per poll).
+- ``labelers``: comparisons and demonstrations per labeler id. ``submitted`` is counted from
+  the comparisons stream's ``labeler_id`` field, incrementally: the stream is append-only and
+  never trimmed, so each poll reads only the entries after the last one it counted.
+  ``learned`` is the durable dataset's own per-labeler count (kept as it loads and appends:
+  no disk read per poll). ``demonstrations_submitted`` / ``demonstrations_learned`` are the
+  same for the demonstrations stream and dataset (stored demonstrations; a comparison's
+  ideal answer counts with its comparison).
 - ``iterations``: the history (finished ones plus the running one) with the metrics the
   curves plot; a key an iteration did not log (e.g. a gold win rate outside simulations) is
   simply absent.
@@ -24,9 +27,9 @@ from typing import Any
 
 import redis
 
-from learner.dataset import ComparisonDataset
+from learner.dataset import ComparisonDataset, DemonstrationDataset
 from rlhf import adapter_store
-from rlhf.comparisons import GROUP, STREAM
+from rlhf.comparisons import DEMONSTRATIONS, GROUP, STREAM
 
 # The per-iteration curves (docs/design.md §3 "log per iteration"), plus every key naming a gold
 # (simulated-labeler) metric.
@@ -85,7 +88,7 @@ def _text(value: bytes | str | None) -> str | None:
 
 
 class StreamTally:
-    """Comparisons per labeler in the stream, counted once each (thread-safe)."""
+    """Records per labeler in one stream, counted once each (thread-safe)."""
 
     def __init__(self, stream: str = STREAM, page: int = 1000) -> None:
         self.stream, self.page = stream, page
@@ -107,11 +110,16 @@ class StreamTally:
                     return dict(self.counts)
 
 
-def labeler_rows(submitted: Mapping[str, int], learned: Mapping[str, int]
-                 ) -> dict[str, dict[str, int]]:
-    """``{labeler: {submitted, learned}}`` over every labeler either side knows."""
-    return {who: {"submitted": int(submitted.get(who, 0)), "learned": int(learned.get(who, 0))}
-            for who in sorted(set(submitted) | set(learned))}
+def labeler_rows(submitted: Mapping[str, int], learned: Mapping[str, int],
+                 demos_submitted: Mapping[str, int] | None = None,
+                 demos_learned: Mapping[str, int] | None = None) -> dict[str, dict[str, int]]:
+    """``{labeler: {submitted, learned, demonstrations_submitted, demonstrations_learned}}``
+    over every labeler any side knows."""
+    counts = {"submitted": submitted, "learned": learned,
+              "demonstrations_submitted": demos_submitted or {},
+              "demonstrations_learned": demos_learned or {}}
+    everyone = sorted(set().union(*counts.values()))
+    return {who: {name: int(by.get(who, 0)) for name, by in counts.items()} for who in everyone}
 
 
 def adapter_rows(client: redis.Redis) -> list[dict[str, Any]]:
@@ -133,9 +141,11 @@ def adapter_rows(client: redis.Redis) -> list[dict[str, Any]]:
 class Dashboard:
     """The aggregation behind ``GET /v1/dashboard``; keeps the per-labeler tallies."""
 
-    def __init__(self, client: redis.Redis, dataset: ComparisonDataset) -> None:
-        self.client, self.dataset = client, dataset
+    def __init__(self, client: redis.Redis, dataset: ComparisonDataset,
+                 demonstrations: DemonstrationDataset | None = None) -> None:
+        self.client, self.dataset, self.demonstrations = client, dataset, demonstrations
         self.submitted = StreamTally()
+        self.demos_submitted = StreamTally(DEMONSTRATIONS.stream)
 
     def snapshot(self, history: Sequence[Mapping[str, Any]], running: Mapping[str, Any] | None,
                  limit: int = 100) -> dict[str, Any]:
@@ -151,6 +161,8 @@ class Dashboard:
                            "current_adapter": adapter_store.current(self.client)},
                 "iterations": iterations,
                 "queue": queue_depth(self.client),
-                "labelers": labeler_rows(self.submitted.update(self.client),
-                                         self.dataset.labeler_counts()),
+                "labelers": labeler_rows(
+                    self.submitted.update(self.client), self.dataset.labeler_counts(),
+                    self.demos_submitted.update(self.client),
+                    self.demonstrations.labeler_counts() if self.demonstrations else {}),
                 "adapters": adapters}

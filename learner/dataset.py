@@ -1,12 +1,16 @@
-"""The learner's durable store of comparisons: append-only segment files on local disk.
+"""The learner's durable stores of feedback records: append-only segment files on disk.
+
+One format for every record kind (``RecordDataset``): ``ComparisonDataset`` (segments
+``comparisons-*.bin``, header ``RLHFCMP1``) and ``DemonstrationDataset``
+(``demonstrations-*.bin``, ``RLHFDEM1``), each in its own directory.
 
 Layout of ``dir``: ``LOCK`` (fcntl lock of the one writer process; holds its pid) and
 segments ``comparisons-000001.bin``, ``-000002`` ... Each segment is the 8-byte header
-``RLHFCMP1`` then records, each framed as::
+(``RLHFCMP1``) then records, each framed as::
 
     u32 little-endian payload length | u32 little-endian CRC32 of payload | payload
 
-where the payload is one ``rlhf.v1.Comparison`` as deterministic binary protobuf. Writes
+where the payload is one record (``rlhf.v1.Comparison``) as deterministic binary protobuf. Writes
 only ever append to the last segment; ``append`` returns after the bytes are fsynced (and
 the directory too when a segment was created), which is what lets the intake acknowledge a
 record: acked => on disk. A crash can therefore only leave a torn record at the end of the
@@ -24,9 +28,12 @@ import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import ClassVar, Generic, TypeVar
+
+from google.protobuf.message import Message
 
 from rlhf.adapter_store import fsync_path
-from rlhf.v1.feedback_pb2 import Comparison
+from rlhf.v1.feedback_pb2 import Comparison, Demonstration
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +42,6 @@ FRAME = struct.Struct("<II")  # payload length, CRC32 of the payload
 MAX_RECORD = 64 << 20  # a length above this is a torn/garbage frame, not a record
 SEGMENT_BYTES = 64 << 20  # roll over to a new segment after this many bytes
 LOCK_NAME = "LOCK"
-SEGMENT_GLOB = "comparisons-*.bin"
 
 
 class DatasetError(RuntimeError):
@@ -46,20 +52,24 @@ class DatasetLocked(DatasetError):
     """Another process holds the dataset's writer lock."""
 
 
-def segment_name(number: int) -> str:
-    return f"comparisons-{number:06d}.bin"
+R = TypeVar("R", bound=Message)
 
 
-def frame(record: Comparison) -> bytes:
+def segment_name(number: int, prefix: str = "comparisons") -> str:
+    return f"{prefix}-{number:06d}.bin"
+
+
+def frame(record: Message) -> bytes:
     payload = record.SerializeToString(deterministic=True)
     return FRAME.pack(len(payload), zlib.crc32(payload)) + payload
 
 
-def scan_segment(data: bytes) -> tuple[list[Comparison], int, str]:
+def scan_segment(data: bytes, record_type: type[R] = Comparison, magic: bytes = MAGIC
+                 ) -> tuple[list[R], int, str]:
     """(records, bytes of valid data, why it stopped early or "") of one segment's bytes."""
-    if data[:len(MAGIC)] != MAGIC:
+    if data[:len(magic)] != magic:
         return [], 0, "bad or torn segment header"
-    records, pos = [], len(MAGIC)
+    records, pos = [], len(magic)
     while pos < len(data):
         if pos + FRAME.size > len(data):
             return records, pos, "torn frame header"
@@ -71,7 +81,7 @@ def scan_segment(data: bytes) -> tuple[list[Comparison], int, str]:
         if zlib.crc32(payload) != crc:
             return records, pos, "CRC mismatch"
         try:
-            record = Comparison.FromString(payload)
+            record = record_type.FromString(payload)
         except Exception as exc:  # a CRC-valid payload that is not a record: damage
             return records, pos, f"undecodable record ({type(exc).__name__})"
         if not record.id:  # e.g. zeros a crash left past the end: length 0, CRC32(b"") = 0
@@ -81,12 +91,17 @@ def scan_segment(data: bytes) -> tuple[list[Comparison], int, str]:
     return records, pos, ""
 
 
-class ComparisonDataset:
-    """Append-only, deduplicated by ``Comparison.id``; one writer process at a time.
+class RecordDataset(Generic[R]):
+    """Append-only, deduplicated by the record's ``id``; one writer process at a time.
+    A subclass names the record type, the segment prefix and the header.
 
     ``readonly=True`` takes no lock, never repairs and refuses ``append`` (for readers in
     other processes); its view is the data on disk when it was opened.
     """
+
+    record_type: ClassVar[type[Message]]
+    prefix: ClassVar[str]
+    magic: ClassVar[bytes]
 
     def __init__(self, directory: str | os.PathLike, segment_bytes: int = SEGMENT_BYTES,
                  readonly: bool = False) -> None:
@@ -107,6 +122,9 @@ class ComparisonDataset:
             self.close()
             raise
 
+    def _scan(self, data: bytes) -> tuple[list[R], int, str]:
+        return scan_segment(data, self.record_type, self.magic)
+
     # -- opening ---------------------------------------------------------------------------
 
     def _lock(self) -> None:
@@ -123,12 +141,12 @@ class ComparisonDataset:
         self._lock_fd = fd
 
     def _load(self) -> None:
-        segments = sorted(self.dir.glob(SEGMENT_GLOB))
+        segments = sorted(self.dir.glob(f"{self.prefix}-*.bin"))
         for i, path in enumerate(segments):
-            records, valid, why = scan_segment(path.read_bytes())
+            records, valid, why = self._scan(path.read_bytes())
             if why:
                 self._torn(path, valid, why, last=i == len(segments) - 1)
-            self._sizes[path] = max(valid, len(MAGIC))
+            self._sizes[path] = max(valid, len(self.magic))
             for record in records:
                 if record.id in self._ids:
                     log.warning("dataset %s: id %s stored twice (ignored)", self.dir, record.id)
@@ -150,21 +168,21 @@ class ComparisonDataset:
                     "bytes: those records were never acknowledged and will be read again",
                     path, why, valid, size, size - valid)
         with open(path, "r+b") as f:
-            if valid < len(MAGIC):
+            if valid < len(self.magic):
                 f.seek(0)
-                f.write(MAGIC)
-                valid = len(MAGIC)
+                f.write(self.magic)
+                valid = len(self.magic)
             f.truncate(valid)
             f.flush()
             os.fsync(f.fileno())
 
     # -- writing ---------------------------------------------------------------------------
 
-    def append(self, records: Iterable[Comparison]) -> int:
+    def append(self, records: Iterable[R]) -> int:
         """Write the records whose id is new, fsync, and return how many were written."""
         if self.readonly:
             raise DatasetError(f"dataset {self.dir} was opened read-only")
-        fresh: dict[str, Comparison] = {}
+        fresh: dict[str, R] = {}
         for record in records:
             if not record.id:
                 raise ValueError("a record without an id cannot be stored")
@@ -207,13 +225,13 @@ class ComparisonDataset:
         else:
             number = 1
         self._close_file()
-        path = self.dir / segment_name(number)
+        path = self.dir / segment_name(number, self.prefix)
         self._file = open(path, "xb")  # noqa: SIM115 (open across appends)
-        self._file.write(MAGIC)
+        self._file.write(self.magic)
         self._file.flush()
         os.fsync(self._file.fileno())
         fsync_path(self.dir)  # the new name itself must survive a crash
-        self._sizes[path] = len(MAGIC)
+        self._sizes[path] = len(self.magic)
         return self._file
 
     # -- reading ---------------------------------------------------------------------------
@@ -231,18 +249,18 @@ class ComparisonDataset:
     def ids(self) -> frozenset[str]:
         return frozenset(self._ids)
 
-    def iter_records(self) -> Iterator[Comparison]:
+    def iter_records(self) -> Iterator[R]:
         """Every stored record once, in the order it was stored."""
         seen: set[str] = set()
         for path, size in list(self._sizes.items()):
             with open(path, "rb") as f:
                 data = f.read(size)
-            for record in scan_segment(data)[0]:
+            for record in self._scan(data)[0]:
                 if record.id not in seen:
                     seen.add(record.id)
                     yield record
 
-    def load_all(self) -> list[Comparison]:
+    def load_all(self) -> list[R]:
         return list(self.iter_records())
 
     # -- closing ---------------------------------------------------------------------------
@@ -258,8 +276,20 @@ class ComparisonDataset:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
 
-    def __enter__(self) -> ComparisonDataset:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ComparisonDataset(RecordDataset[Comparison]):
+    """The comparisons: ``comparisons-*.bin`` segments."""
+
+    record_type, prefix, magic = Comparison, "comparisons", MAGIC
+
+
+class DemonstrationDataset(RecordDataset[Demonstration]):
+    """The demonstrations: ``demonstrations-*.bin`` segments, header ``RLHFDEM1``."""
+
+    record_type, prefix, magic = Demonstration, "demonstrations", b"RLHFDEM1"

@@ -1,17 +1,20 @@
-"""Intake: the comparison stream -> the durable dataset, through the "learner" consumer group.
+"""Intake: the feedback streams -> the durable datasets, through the "learner" consumer group.
 
-Each batch goes through the same three steps, in this order (docs/design.md §5):
+Two streams, each into its own dataset: comparisons (``rlhf:comparisons`` ->
+``ComparisonDataset``) and, when a ``DemonstrationDataset`` is given, demonstrations
+(``rlhf:demonstrations``). Each stream's batches go through the same three steps, in this
+order (docs/design.md §5):
 
 1. read: first this group's pending entries, claimed again (XAUTOCLAIM, min-idle 0) because
    a learner that crashed left them delivered but unacknowledged; then new ones
    (XREADGROUP ">").
-2. store: decode each entry and check it against the Comparison contract (rlhf.contract,
+2. store: decode each entry and check it against its record's contract (rlhf.contract,
    the same rules the Feedback service and `rlhf data import` apply; sizes excepted, which
    the door enforced); append the good records to the dataset, which fsyncs before it
    returns and drops ids it already holds (a record re-delivered after a crash, or XADDed
    twice, is stored once).
 3. acknowledge: in one MULTI/EXEC, XADD each malformed entry (with its reason) to the
-   dead-letter stream and XACK the whole batch.
+   stream's dead-letter stream and XACK the whole batch.
 
 So a record is acknowledged only once it is on disk (acked => stored), and one that is not
 acknowledged is delivered again: a crash at any point loses nothing and counts nothing twice.
@@ -31,20 +34,32 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import astuple, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
+from pathlib import Path
 
 import redis
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
-from learner.dataset import SEGMENT_BYTES, ComparisonDataset
-from rlhf.comparisons import DEAD_LETTER, GROUP, SCHEMA, STREAM, decode_entry
-from rlhf.contract import STRUCTURE_ONLY, InvalidComparison, validate_comparison
-from rlhf.v1.feedback_pb2 import Comparison
+from learner.dataset import SEGMENT_BYTES, ComparisonDataset, DemonstrationDataset, RecordDataset
+from rlhf.comparisons import COMPARISONS, DEAD_LETTER, DEMONSTRATIONS, GROUP, STREAM, Layout
+from rlhf.contract import (
+    STRUCTURE_ONLY,
+    InvalidComparison,
+    validate_comparison,
+    validate_demonstration,
+)
+from rlhf.v1.feedback_pb2 import Comparison, Demonstration
 
 log = logging.getLogger(__name__)
 
 _BASE64 = re.compile(rb"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
+# The one contract every door applies, per record type; sizes were the door's to enforce.
+CONTRACTS: dict[type[Message], Callable[[Message], None]] = {
+    Comparison: lambda r: validate_comparison(r, None, STRUCTURE_ONLY),
+    Demonstration: lambda r: validate_demonstration(r, STRUCTURE_ONLY),
+}
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 
@@ -54,21 +69,39 @@ class Malformed(ValueError):
 
 
 @dataclass(frozen=True)
-class DrainResult:
+class StreamResult:
     read: int = 0  # entries delivered (reclaimed or new)
     stored: int = 0  # records newly written to the dataset
     duplicates: int = 0  # good records whose id the dataset already held
     malformed: int = 0  # entries moved to the dead-letter stream
     acked: int = 0  # entries acknowledged (XACK's count)
 
+    def counts(self) -> tuple[int, ...]:
+        return tuple(getattr(self, f.name) for f in dataclass_fields(StreamResult))
+
+    def __add__(self, other: StreamResult) -> StreamResult:
+        return StreamResult(*(a + b for a, b in zip(self.counts(), other.counts(),
+                                                    strict=True)))
+
+
+@dataclass(frozen=True)
+class DrainResult(StreamResult):
+    """The comparisons stream's counts (the fields it shares with ``StreamResult``) and the
+    demonstrations stream's (``demonstrations``)."""
+
+    demonstrations: StreamResult = StreamResult()
+
     def __add__(self, other: DrainResult) -> DrainResult:
-        return DrainResult(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+        total = StreamResult(*self.counts()) + StreamResult(*other.counts())
+        return DrainResult(*total.counts(), demonstrations=self.demonstrations
+                           + other.demonstrations)
 
 
-def parse_entry(fields: dict[bytes, bytes]) -> Comparison:
+def parse_entry(fields: dict[bytes, bytes], layout: Layout = COMPARISONS) -> Message:
     """The record of one stream entry, or ``Malformed`` saying why there is none."""
-    schema = fields.get(b"schema", SCHEMA.encode())
-    if schema != SCHEMA.encode():
+    name = layout.schema
+    schema = fields.get(b"schema", name.encode())
+    if schema != name.encode():
         raise Malformed(f"unknown schema {schema[:64]!r}")
     raw = fields.get(b"record")
     if raw is None:
@@ -76,32 +109,29 @@ def parse_entry(fields: dict[bytes, bytes]) -> Comparison:
     if not _BASE64.fullmatch(raw):
         raise Malformed("'record' is not padded standard base64")
     try:
-        record = decode_entry(fields)
+        record = layout.decode(fields)
     except (binascii.Error, DecodeError) as exc:
-        raise Malformed(f"'record' is not a binary rlhf.v1.Comparison ({exc})") from None
+        raise Malformed(f"'record' is not a binary {name} ({exc})") from None
     entry_id = fields.get(b"id", record.id.encode())
     if not record.id:
         raise Malformed("record has no id")
     if entry_id != record.id.encode():
         raise Malformed(f"entry field id {entry_id[:64]!r} differs from the record's id")
-    try:  # the one contract every door applies; sizes were the door's to enforce
-        validate_comparison(record, None, STRUCTURE_ONLY)
+    try:
+        CONTRACTS[layout.record_type](record)
     except InvalidComparison as exc:
-        raise Malformed(f"record breaks the Comparison contract: {exc}") from None
+        raise Malformed(f"record breaks the {name.rsplit('.', 1)[-1]} contract: {exc}"
+                        ) from None
     return record
 
 
-class Intake:
-    """Moves the stream into ``dataset``; ``drain`` until caught up, as often as needed."""
+class _Stream:
+    """One stream of the group into one dataset: read, store, acknowledge."""
 
-    def __init__(self, redis_url: str, dataset: ComparisonDataset, consumer_name: str,
-                 batch: int = 256, block_ms: int = 0, stream: str = STREAM,
-                 group: str = GROUP, dead_letter: str = DEAD_LETTER) -> None:
-        if batch < 1 or block_ms < 0:
-            raise ValueError("batch must be >= 1 and block_ms >= 0")
-        self.client = redis.Redis.from_url(redis_url, socket_connect_timeout=5.0)
-        self.dataset, self.consumer, self.batch = dataset, consumer_name, batch
-        self.block_ms = block_ms  # 0: do not wait; BLOCK 0 would mean "wait forever"
+    def __init__(self, intake: Intake, layout: Layout, dataset: RecordDataset,
+                 stream: str, group: str, dead_letter: str) -> None:
+        self.intake, self.layout, self.dataset = intake, layout, dataset
+        self.client = intake.client
         self.stream, self.group, self.dead_letter = stream, group, dead_letter
         self._cursor: bytes | None = None
 
@@ -114,30 +144,28 @@ class Intake:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    def drain(self, max_records: int | None = None) -> DrainResult:
-        """Reclaim pending entries, then read new ones, until none are left (or
-        ``max_records`` were read); every batch is stored, then acknowledged."""
+    def drain(self, max_records: int | None) -> StreamResult:
         self.ensure_group()
         self._cursor = b"0-0"
-        result = DrainResult()
+        result, batch = StreamResult(), self.intake.batch
         for phase in (self._claim, self._read_new):
             while max_records is None or result.read < max_records:
-                left = self.batch if max_records is None else max_records - result.read
-                entries = phase(min(self.batch, left))
+                left = batch if max_records is None else max_records - result.read
+                entries = phase(min(batch, left))
                 if entries is None:
                     break
                 if entries:
                     result += self._store(entries)
         if result.read:
-            log.info("intake: %s", result)
+            log.info("intake %s: %s", self.stream, result)
         return result
 
     def _claim(self, count: int) -> list[Entry] | None:
         """The next ``count`` pending entries, now this consumer's; None when done."""
         if self._cursor is None:
             return None
-        reply = self.client.xautoclaim(self.stream, self.group, self.consumer, min_idle_time=0,
-                                       start_id=self._cursor, count=count)
+        reply = self.client.xautoclaim(self.stream, self.group, self.intake.consumer,
+                                       min_idle_time=0, start_id=self._cursor, count=count)
         cursor, claimed = reply[0], reply[1]
         gone = list(reply[2]) if len(reply) > 2 else []
         gone += [entry_id for entry_id, fields in claimed if fields is None]  # Redis 6.2
@@ -149,20 +177,21 @@ class Intake:
 
     def _read_new(self, count: int) -> list[Entry] | None:
         """The next ``count`` never-delivered entries; None when there are none."""
-        reply = self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"},
-                                       count=count, block=self.block_ms or None)
+        block = self.intake.block_ms or None
+        reply = self.client.xreadgroup(self.group, self.intake.consumer, {self.stream: ">"},
+                                       count=count, block=block)
         entries = reply[0][1] if reply else []
         return entries or None
 
-    def _store(self, entries: list[Entry]) -> DrainResult:
-        good: list[Comparison] = []
+    def _store(self, entries: list[Entry]) -> StreamResult:
+        good: list[Message] = []
         bad: list[tuple[bytes, dict[bytes, bytes], str]] = []
         for entry_id, fields in entries:
             try:
-                good.append(parse_entry(fields))
+                good.append(parse_entry(fields, self.layout))
             except Malformed as exc:
-                log.warning("entry %s is malformed (%s): moved to %s", entry_id.decode(), exc,
-                            self.dead_letter)
+                log.warning("entry %s of %s is malformed (%s): moved to %s",
+                            entry_id.decode(), self.stream, exc, self.dead_letter)
                 bad.append((entry_id, fields, str(exc)))
         stored = self.dataset.append(good)  # fsynced: from here on an ack loses nothing
         pipe = self.client.pipeline(transaction=True)
@@ -171,14 +200,47 @@ class Intake:
         pipe.xack(self.stream, self.group, *(entry_id for entry_id, _ in entries))
         acked = pipe.execute()[-1]
         log.debug("batch: %d read, %d stored, %d acked", len(entries), stored, acked)
-        return DrainResult(read=len(entries), stored=stored, duplicates=len(good) - stored,
-                           malformed=len(bad), acked=acked)
+        return StreamResult(read=len(entries), stored=stored, duplicates=len(good) - stored,
+                            malformed=len(bad), acked=acked)
 
     def _dead_fields(self, entry_id: bytes, fields: dict[bytes, bytes], reason: str
                      ) -> dict[bytes, bytes]:
         """The entry's own fields, untouched (to re-inject after a fix), plus why and where."""
         return {**fields, b"dead:reason": reason.encode(), b"dead:entry_id": entry_id,
                 b"dead:stream": self.stream.encode(), b"dead:group": self.group.encode()}
+
+
+class Intake:
+    """Moves the streams into the datasets; ``drain`` until caught up, as often as needed.
+    ``stream`` / ``dead_letter`` name the comparisons' keys; the demonstrations stream is
+    read only when ``demonstrations`` (its dataset) is given."""
+
+    def __init__(self, redis_url: str, dataset: ComparisonDataset, consumer_name: str,
+                 batch: int = 256, block_ms: int = 0, stream: str = STREAM,
+                 group: str = GROUP, dead_letter: str = DEAD_LETTER,
+                 demonstrations: DemonstrationDataset | None = None) -> None:
+        if batch < 1 or block_ms < 0:
+            raise ValueError("batch must be >= 1 and block_ms >= 0")
+        self.client = redis.Redis.from_url(redis_url, socket_connect_timeout=5.0)
+        self.dataset, self.consumer, self.batch = dataset, consumer_name, batch
+        self.block_ms = block_ms  # 0: do not wait; BLOCK 0 would mean "wait forever"
+        self.comparisons = _Stream(self, COMPARISONS, dataset, stream, group, dead_letter)
+        self.demonstrations = None if demonstrations is None else _Stream(
+            self, DEMONSTRATIONS, demonstrations, DEMONSTRATIONS.stream, group,
+            DEMONSTRATIONS.dead_letter)
+
+    def ensure_group(self) -> None:
+        for s in (self.comparisons, self.demonstrations):
+            if s is not None:
+                s.ensure_group()
+
+    def drain(self, max_records: int | None = None) -> DrainResult:
+        """Reclaim pending entries, then read new ones, until none are left (or
+        ``max_records`` were read, per stream); every batch is stored, then acknowledged."""
+        ours = self.comparisons.drain(max_records)
+        demos = (self.demonstrations.drain(max_records) if self.demonstrations is not None
+                 else StreamResult())
+        return DrainResult(*ours.counts(), demonstrations=demos)
 
     def close(self) -> None:
         self.client.close()
@@ -198,6 +260,8 @@ class IntakeConfig:
     redis_url: str = _f("redis://127.0.0.1:6379/0", "Redis holding the comparisons stream",
                         secret=True)
     dataset_dir: str = _f("learner-data/comparisons", "directory of the durable dataset")
+    demonstrations_dir: str = _f("", "directory of the durable demonstrations dataset; "
+                                 "empty = 'demonstrations' beside --dataset-dir")
     consumer: str = _f("", "consumer name in the group; empty = learner-<hostname>")
     batch: int = _f(256, "entries per read, fsync and ack")
     segment_bytes: int = _f(SEGMENT_BYTES, "start a new dataset segment after this many bytes")
@@ -213,9 +277,11 @@ def run(config: IntakeConfig) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, _frame: stop.append(signum))
     consumer = config.consumer or f"learner-{socket.gethostname()}"
+    demos = DemonstrationDataset(config.demonstrations_dir or Path(config.dataset_dir).parent
+                                 / "demonstrations", config.segment_bytes)
     with ComparisonDataset(config.dataset_dir, config.segment_bytes) as dataset:
         intake = Intake(config.redis_url, dataset, consumer, config.batch,
-                        config.block_ms if config.follow else 0)
+                        config.block_ms if config.follow else 0, demonstrations=demos)
         try:
             total = intake.drain()
             while config.follow and not stop:
@@ -226,7 +292,9 @@ def run(config: IntakeConfig) -> int:
                     time.sleep(1.0)
         finally:
             intake.close()
-        sys.stdout.write(json.dumps({**vars(total), "dataset": len(dataset)}) + "\n")
+            demos.close()
+        sys.stdout.write(json.dumps({**asdict(total), "dataset": len(dataset),
+                                     "demonstrations_dataset": len(demos)}) + "\n")
     return 0
 
 

@@ -1,6 +1,7 @@
 """One learner iteration as six named phases (docs/design.md §1, §3, §4):
 
-1. drain      the comparisons stream -> the durable dataset (Intake)
+1. drain      the comparisons and demonstrations streams -> the durable datasets (Intake);
+              the SFT set (learner.demonstrations) goes on ``Work.demonstrations``
 2. reward     retrain the RM on ALL comparisons so far (split by labeler, held-out accuracy,
               bias so reference samples score mean 0)
 3. ppo        LoRA-PPO on the user turns of the collected conversations, ptx from the
@@ -42,7 +43,8 @@ from tqdm import tqdm
 from learner import checkpoint, records
 from learner.cluster import Cluster
 from learner.config import LearnerConfig
-from learner.dataset import ComparisonDataset
+from learner.dataset import ComparisonDataset, DemonstrationDataset
+from learner.demonstrations import count_new, sft_demonstrations
 from learner.intake import Intake
 from learner.ppo import (
     POLICY,
@@ -59,7 +61,7 @@ from learner.samples import reference_samples, rm_scores
 from rlhf import adapter_store, settings
 from rlhf.modeling import LoadedModel
 from rlhf.starter_data import pretraining_corpus
-from rlhf.v1.feedback_pb2 import Comparison
+from rlhf.v1.feedback_pb2 import Comparison, Demonstration
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,9 @@ class Work:
     """What the phases of one iteration hand each other."""
 
     comparisons: list[Comparison] = field(default_factory=list)
+    # the SFT set (learner.demonstrations) and how many of it arrived in this drain
+    demonstrations: list[Demonstration] = field(default_factory=list)
+    new_demonstrations: int = 0
     prompts: list[str] = field(default_factory=list)
     eval_prompts: list[str] = field(default_factory=list)
     ptx_eval: list[str] = field(default_factory=list)
@@ -103,7 +108,9 @@ class Learner:
             self.client = client or redis.Redis.from_url(cfg.redis_url,
                                                          socket_connect_timeout=5.0)
             self.dataset = ComparisonDataset(self.data_dir / "comparisons")
-            self.intake = Intake(cfg.redis_url, self.dataset, self.name)
+            self.demonstration_dataset = DemonstrationDataset(self.data_dir / "demonstrations")
+            self.intake = Intake(cfg.redis_url, self.dataset, self.name,
+                                 demonstrations=self.demonstration_dataset)
         torch.manual_seed(cfg.seed)
         self.rm = RewardModel(loaded.model, self.rm_cfg)  # the one base, wrapped once
         # Retraining "on all data" starts from the same init each time (not from last time).
@@ -197,11 +204,17 @@ class Learner:
 
     # 1 ------------------------------------------------------------------------------------
     def drain(self, work: Work, progress: Progress) -> None:
+        old_demos, old_comparisons = self.demonstration_dataset.ids(), self.dataset.ids()
         result = self.intake.drain()
         work.comparisons = self.dataset.load_all()
+        work.demonstrations = sft_demonstrations(self.demonstration_dataset.load_all(),
+                                                 work.comparisons)
+        work.new_demonstrations = count_new(work.demonstrations, old_demos, old_comparisons)
         progress.metrics.update({"data/new": result.stored, "data/duplicates": result.duplicates,
                                  "data/malformed": result.malformed,
-                                 "data/comparisons": len(work.comparisons)})
+                                 "data/comparisons": len(work.comparisons),
+                                 "data/demonstrations": len(work.demonstrations),
+                                 "data/demonstrations_new": work.new_demonstrations})
         if not work.comparisons:
             raise RuntimeError("no comparisons yet: nothing to learn from")
 
@@ -352,4 +365,5 @@ class Learner:
         if self.cluster.is_leader:
             self.intake.close()
             self.dataset.close()
+            self.demonstration_dataset.close()
             self.client.close()

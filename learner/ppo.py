@@ -49,7 +49,7 @@ class PPOConfig:
 
     lr: float = _f(2e-3, "Adam learning rate of the policy LoRA and the value head (1e-4 "
                    "moved no preference in 3 iterations; 2e-3 moved every one tried: "
-                   "learner.efficacy_bench)")
+                   "rlhf bench efficacy)")
     batch_size: int = _f(16, "episodes (prompts) per ppo_step: pass exactly this many")
     minibatch_size: int = _f(8, "episodes per optimizer step inside update")
     epochs: int = _f(4, "passes over each batch (InstructGPT 1 on batches of 512; with 16 "

@@ -46,7 +46,7 @@ class RMConfig:
 
     lr: float = _f(3e-3, "peak AdamW learning rate of the rm LoRA + head (cosine to 10%); "
                    "with 3 epochs the RM reaches 0.8-0.9 held-out accuracy on 64-192 "
-                   "comparisons of unseen preferences (learner.efficacy_bench), where 1e-3 x "
+                   "comparisons of unseen preferences (rlhf bench efficacy), where 1e-3 x "
                    "1 epoch stayed near chance")
     epochs: int = _f(3, "passes over the comparisons per iteration (InstructGPT: 1, on 33k "
                      "prompts; an online loop starts from dozens)")

@@ -142,7 +142,7 @@ def _up(argv: Sequence[str]) -> int:
 
 
 def _simulate(argv: Sequence[str]) -> int:
-    from ui.simulate import main
+    from bench.simulate import main
 
     _logging(False)
     return main(list(argv), prog="rlhf simulate")
@@ -150,7 +150,7 @@ def _simulate(argv: Sequence[str]) -> int:
 
 def _bench(argv: Sequence[str]) -> int:
     _passive_omp()  # the in-process baseline too, as the server it is compared with
-    from serving.bench import main
+    from bench.cli import main
 
     _logging(False)
     return main(list(argv))
@@ -162,13 +162,13 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "ui": (_ui, "run the ranking UI (Gradio) against a running serve"),
     "starter-model": (_starter, "build (or reuse) the built-in starter model; prints its path"),
     "codegen": (_codegen, "regenerate the Python stubs of proto/"),
-    "data": (_data, "export the comparisons stream as JSONL; import chosen/rejected pairs"),
+    "data": (_data, "export/import comparisons (chosen/rejected pairs) and demonstrations"),
     "models": (_models, "named base models: list, pull (fetch + convert once, cached)"),
     "adapters": (_adapters, "list, show, promote or roll back adapter versions (registry)"),
     "learn": (_learn, "run the learner (RM + PPO iterations) with its admin HTTP API"),
     "learner": (_learner_client, "trigger / status / history of a running learner (JSON)"),
     "simulate": (_simulate, "simulated labelers chat and rank by the gold preference (JSON)"),
-    "bench": (_bench, "benchmarks that print JSON (rlhf bench serving|feedback|hotswap)"),
+    "bench": (_bench, "benchmarks that print JSON (rlhf bench SUITE; `rlhf bench` lists them)"),
 }
 
 

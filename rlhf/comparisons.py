@@ -1,25 +1,58 @@
-"""The comparisons' Redis layout, shared by every writer and reader of the stream.
+"""The feedback records' Redis layout, shared by every writer and reader of the streams.
 
 One definition of the key names, the entry fields and the idempotent check-and-append
-script, used by the Feedback service (``serving.feedback``, async) and the data tools
-(``rlhf.data``, sync), so an imported record and a labeler's record are stored the same
-way. The layout itself is written down in ``proto/rlhf/v1/feedback.proto``.
+script, used by the Feedback service (``serving.feedback``, async), the data tools
+(``rlhf.data``, sync) and the learner's intake, so an imported record and a labeler's
+record are stored the same way. Two record kinds share it, each a ``Layout``: comparisons
+(``COMPARISONS``, the default everywhere) and demonstrations (``DEMONSTRATIONS``); the
+functions pick the layout from the record's type. The layout itself is written down in
+``proto/rlhf/v1/feedback.proto``.
 """
 
 from __future__ import annotations
 
 import base64
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import redis
+from google.protobuf.message import Message
 
-from rlhf.v1.feedback_pb2 import Comparison
+from rlhf.v1.feedback_pb2 import Comparison, Demonstration
 
-STREAM = "rlhf:comparisons"
-ID_INDEX = "rlhf:comparison_ids"
 GROUP = "learner"
-DEAD_LETTER = STREAM + ":dead"  # entries the learner could not decode, with "dead:reason"
-SCHEMA = "rlhf.v1.Comparison"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One record kind's keys: its stream, id index, dead-letter stream and schema name."""
+
+    record_type: type[Message]
+    stream: str
+    id_index: str
+    group: str = GROUP
+
+    @property
+    def dead_letter(self) -> str:  # entries the learner could not decode, with "dead:reason"
+        return self.stream + ":dead"
+
+    @property
+    def schema(self) -> str:
+        return self.record_type.DESCRIPTOR.full_name
+
+    def decode(self, fields: dict[bytes, bytes]) -> Message:
+        return self.record_type.FromString(base64.b64decode(fields[b"record"]))
+
+
+COMPARISONS = Layout(Comparison, "rlhf:comparisons", "rlhf:comparison_ids")
+DEMONSTRATIONS = Layout(Demonstration, "rlhf:demonstrations", "rlhf:demonstration_ids")
+LAYOUTS = {layout.record_type: layout for layout in (COMPARISONS, DEMONSTRATIONS)}
+STREAM, ID_INDEX = COMPARISONS.stream, COMPARISONS.id_index
+DEAD_LETTER, SCHEMA = COMPARISONS.dead_letter, COMPARISONS.schema
+
+
+def layout_of(record: Message) -> Layout:
+    return LAYOUTS[type(record)]
 
 # Check-and-append in one atomic step: a record id already in the index answers with the
 # entry it was stored as; otherwise the group is made (from 0, so the learner reads every
@@ -37,28 +70,34 @@ return {0, entry}
 """
 
 
-def encode_entry(record: Comparison) -> dict[str, bytes]:
-    """The stream entry's fields for a record whose received_at is set."""
-    return {
+def encode_entry(record: Comparison | Demonstration) -> dict[str, bytes]:
+    """The stream entry's fields for a record whose received_at is set (a Comparison's also
+    carry ``k``, its number of candidates)."""
+    fields = {
         "id": record.id.encode(),
         "labeler_id": record.labeler_id.encode(),
         "received_at": str(record.received_at.ToMilliseconds()).encode(),
-        "k": str(len(record.candidates)).encode(),
-        "schema": SCHEMA.encode(),
-        "record": base64.b64encode(record.SerializeToString(deterministic=True)),
     }
+    if isinstance(record, Comparison):
+        fields["k"] = str(len(record.candidates)).encode()
+    return {**fields, "schema": layout_of(record).schema.encode(),
+            "record": base64.b64encode(record.SerializeToString(deterministic=True))}
 
 
 def decode_entry(fields: dict[bytes, bytes]) -> Comparison:
-    """The record of one stream entry (what the learner does)."""
+    """The Comparison of one stream entry (what the learner does); for another kind,
+    ``Layout.decode``."""
     return Comparison.FromString(base64.b64decode(fields[b"record"]))
 
 
-def submit_call(record: Comparison, stream: str = STREAM, id_index: str = ID_INDEX,
-                group: str = GROUP) -> tuple[list[str], list[str | bytes]]:
-    """``(keys, args)`` of ``SUBMIT_LUA`` storing ``record`` (received_at set)."""
+def submit_call(record: Comparison | Demonstration, stream: str | None = None,
+                id_index: str | None = None, group: str = GROUP
+                ) -> tuple[list[str], list[str | bytes]]:
+    """``(keys, args)`` of ``SUBMIT_LUA`` storing ``record`` (received_at set); the keys
+    default to the record kind's layout."""
+    layout = layout_of(record)
     fields = [part for pair in encode_entry(record).items() for part in pair]
-    return [id_index, stream], [record.id, group, *fields]
+    return [id_index or layout.id_index, stream or layout.stream], [record.id, group, *fields]
 
 
 def parse_reply(reply: Sequence[int | bytes | str]) -> tuple[bool, str]:
@@ -67,8 +106,8 @@ def parse_reply(reply: Sequence[int | bytes | str]) -> tuple[bool, str]:
     return bool(seen), entry.decode() if isinstance(entry, bytes) else str(entry)
 
 
-def append_many(client: redis.Redis, records: Sequence[Comparison],
-                stream: str = STREAM, id_index: str = ID_INDEX, group: str = GROUP
+def append_many(client: redis.Redis, records: Sequence[Comparison | Demonstration],
+                stream: str | None = None, id_index: str | None = None, group: str = GROUP
                 ) -> list[tuple[bool, str]]:
     """Store each record unless its id is stored already, pipelined (one round trip);
     ``(duplicate, entry id)`` per record. Each script call is atomic on its own."""

@@ -1,37 +1,53 @@
-"""The Comparison contract: every rule a valid ``rlhf.v1.Comparison`` obeys, in one place.
+"""The feedback records' contract: every rule a valid ``rlhf.v1.Comparison`` and
+``rlhf.v1.Demonstration`` obey, in one place.
 
-One function, ``validate_comparison``, used by every door a record comes through: the
-Feedback service (``serving.feedback``, with the adapter registry's versions), ``rlhf data
-import`` (``rlhf.data``) and the learner's intake (``learner.intake``, which dead-letters a
-record that breaks it). The limits, the id / version / labeler / request-id formats, the
-roles, the flags, the ranking and the recorded sampling parameters are defined here once;
-``proto/rlhf/v1/feedback.proto`` documents them for clients.
+One function per record, ``validate_comparison`` and ``validate_demonstration``, used by
+every door a record comes through: the Feedback service (``serving.feedback``, with the
+adapter registry's versions), ``rlhf data import`` (``rlhf.data``) and the learner's intake
+(``learner.intake``, which dead-letters a record that breaks it). The rules both records
+share (ids, labeler names, the conversation, sizes, timestamps, the error type) are in
+``rlhf.rules`` and re-exported here; the candidates' rules (versions, request ids, flags,
+the ranking, the recorded sampling parameters) are below. ``proto/rlhf/v1/feedback.proto``
+documents them for clients.
 
-Formats are matched with ``re.fullmatch`` (never ``match`` with ``$``, which also accepts a
-trailing newline: "abcdefgh1" and "abcdefgh1\\n" would be two ids for one ranking). Free-form
-names (labeler, request id) must be printable (no newline, tab, NEL, U+2028/U+2029, zero-width
-or other control/format characters) and carry no leading or trailing whitespace, so two
-spellings of one name cannot pass as two.
-
-Errors are ``InvalidComparison`` with the offending ``field`` (``candidates[2].rank``) kept
-apart from the text, so each wire reports it structurally (gRPC trailing metadata, HTTP
-error ``param``) without parsing messages.
+Errors are ``InvalidComparison`` with the offending ``field`` (``candidates[2].rank``,
+``answer``) kept apart from the text, so each wire reports it structurally (gRPC trailing
+metadata, HTTP error ``param``) without parsing messages.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
 
-from rlhf.v1.feedback_pb2 import Candidate, Comparison, Flag
+from rlhf.rules import (  # noqa: F401 (re-exported: the contract's one import point)
+    DEFAULT_LIMITS,
+    ID_RE,
+    ID_RULE,
+    MAX_CHARS,
+    ROLES,
+    STRUCTURE_ONLY,
+    VERSION_RE,
+    VERSION_RULE,
+    InvalidComparison,
+    Limits,
+    check_conversation,
+    check_id,
+    check_labeler_id,
+    check_size,
+    check_timestamps,
+    check_version_name,
+    is_record_id,
+    is_version_name,
+    name_problem,
+)
+from rlhf.v1.feedback_pb2 import Candidate, Comparison, Demonstration, DemonstrationSource, Flag
 from rlhf.v1.policy_pb2 import SamplingParams
 
-MAX_CHARS = 32768  # each text: candidate, message, comment, ideal answer (serving's default)
-ROLES = ("system", "user", "assistant")
 BASE = "base"  # the adapter version of the base model with no adapter
 KNOWN_FLAGS = frozenset(v.number for v in Flag.DESCRIPTOR.values if v.number != 0)
+KNOWN_SOURCES = frozenset(v.number for v in DemonstrationSource.DESCRIPTOR.values
+                          if v.number != 0)
 # Sampling ranges, the same for a Generate request and a recorded candidate. Temperature
 # is 0 (greedy) or in [MIN_TEMPERATURE, MAX_TEMPERATURE]: below 0.01 the logits divided by
 # it leave float32's range and every seed gives the same garbage. top_k: 0 or anything at
@@ -40,85 +56,6 @@ KNOWN_FLAGS = frozenset(v.number for v in Flag.DESCRIPTOR.values if v.number != 
 MIN_TEMPERATURE = 0.01
 MAX_TEMPERATURE = 100.0
 MAX_TOP_K = 1 << 20
-
-ID_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
-VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-ID_RULE = "8..64 characters of A-Z a-z 0-9 _ -"
-VERSION_RULE = "letters, digits, '.', '_', '-', starting with a letter or digit; at most 64"
-
-_TIMESTAMP_MIN_S, _TIMESTAMP_MAX_S = -62135596800, 253402300799  # 0001-01-01 .. 9999-12-31
-
-
-class InvalidComparison(ValueError):
-    """A broken rule: ``field`` names where (``candidates[2].rank``), ``detail`` what."""
-
-    def __init__(self, field: str, detail: str) -> None:
-        super().__init__(f"{field} {detail}")
-        self.field, self.detail = field, detail
-
-    @property
-    def message(self) -> str:
-        return f"{self.field} {self.detail}"
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What a valid record may hold; serving fills the config-dependent ones from its config."""
-
-    max_chars: int = MAX_CHARS
-    min_candidates: int = 2
-    max_candidates: int = 9
-    max_messages: int = 256
-    max_labeler_chars: int = 128
-    max_request_id_chars: int = 128
-    max_new_tokens: int = 2**32 - 1  # recorded sampling: serving passes its --max-new-tokens
-    max_stop_sequences: int = 64  # recorded sampling: serving passes its --max-stop-sequences
-
-
-DEFAULT_LIMITS = Limits()
-# The learner's intake: the door (serving, import) enforced the sizes its operator chose;
-# the intake re-checks every structural rule, not sizes it cannot know.
-STRUCTURE_ONLY = Limits(max_chars=2**62, max_messages=2**62, max_stop_sequences=2**62)
-
-
-# -- names (pure, shared with the other boundaries) ----------------------------------------
-
-
-def is_record_id(value: str) -> bool:
-    return ID_RE.fullmatch(value) is not None
-
-
-def is_version_name(value: str) -> bool:
-    return VERSION_RE.fullmatch(value) is not None
-
-
-def name_problem(value: str, max_chars: int) -> str | None:
-    """Why ``value`` is not a clean printable name (labeler id, request id), or None."""
-    if not value.strip():
-        return "is empty"
-    if len(value) > max_chars:
-        return f"is longer than {max_chars} characters"
-    if not value.isprintable():
-        return ("holds a control, line-separator or format character (newline, tab, "
-                "U+2028...); send printable text only")
-    if value != value.strip():
-        return "has leading or trailing whitespace"
-    return None
-
-
-def check_labeler_id(value: str, max_chars: int = 128) -> None:
-    problem = name_problem(value, max_chars)
-    if problem == "is empty":
-        raise InvalidComparison("labeler_id", "is empty: say who ranked")
-    if problem:
-        raise InvalidComparison("labeler_id", f"{problem} (at most {max_chars} printable "
-                                "characters)")
-
-
-def check_version_name(field: str, value: str) -> None:
-    if not is_version_name(value):
-        raise InvalidComparison(field, f"{value[:80]!r} is not a valid version name "
-                                f"({VERSION_RULE})")
 
 
 # -- the record ----------------------------------------------------------------------------
@@ -131,52 +68,42 @@ def validate_comparison(msg: Comparison, known_versions: Collection[str] | None 
     ``known_versions``: the adapter versions a candidate may cite (the registry's
     registered versions, "base" included); None checks only that each is a valid name.
     """
-    _check_id(msg.id)
+    check_id(msg.id)
     check_labeler_id(msg.labeler_id, limits.max_labeler_chars)
-    _check_messages(msg, limits)
+    check_conversation(msg.messages, limits, "the candidates")
     _check_candidates(msg.candidates, known_versions, limits)
     _check_ranking(msg.candidates)
     for name in ("comment", "ideal_answer"):
-        _check_size(name, getattr(msg, name), limits)
-    for name in ("created_at", "received_at"):
-        if msg.HasField(name):
-            _check_timestamp(name, getattr(msg, name))
+        check_size(name, getattr(msg, name), limits)
+    check_timestamps(msg)
 
 
-def _check_id(record_id: str) -> None:
-    if not record_id:
-        raise InvalidComparison("id", f"is missing: make one per ranking on the client "
-                                f"({ID_RULE}) and reuse it on every retry")
-    if not is_record_id(record_id):
-        raise InvalidComparison("id", f"must be {ID_RULE}, got {record_id[:80]!r}")
+def validate_demonstration(msg: Demonstration, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Raise ``InvalidComparison`` for the first rule ``msg`` breaks; None if valid.
 
-
-def _check_size(field: str, text: str, limits: Limits) -> None:
-    if len(text) > limits.max_chars:
-        raise InvalidComparison(field, f"is too long: {len(text)} characters, limit "
-                                f"{limits.max_chars}")
-
-
-def _check_timestamp(field: str, ts) -> None:  # google.protobuf.Timestamp
-    if not (_TIMESTAMP_MIN_S <= ts.seconds <= _TIMESTAMP_MAX_S and 0 <= ts.nanos < 10**9):
-        raise InvalidComparison(field, f"is not a valid timestamp (seconds {ts.seconds}, "
-                                f"nanos {ts.nanos}): years 1..9999, nanos 0..999999999")
-
-
-def _check_messages(msg: Comparison, limits: Limits) -> None:
-    if not msg.messages:
-        raise InvalidComparison("messages", "is empty: send the conversation the candidates "
-                                "answer (at least the user's turn)")
-    if len(msg.messages) > limits.max_messages:
-        raise InvalidComparison("messages", f"has {len(msg.messages)} messages, limit "
-                                f"{limits.max_messages}")
-    for i, m in enumerate(msg.messages):
-        if m.role not in ROLES:
-            raise InvalidComparison(f"messages[{i}].role", f"must be one of "
-                                    f"{', '.join(ROLES)}, got {m.role[:40]!r}")
-        if not m.content.strip():
-            raise InvalidComparison(f"messages[{i}].content", "is empty")
-        _check_size(f"messages[{i}].content", m.content, limits)
+    The id, labeler, conversation, size and timestamp rules are the Comparison's; the
+    conversation ends on the user turn the answer answers; the answer is not empty
+    (whitespace only is empty: a demonstration is text to imitate) and within the size
+    limit; the source is set; a comparison_id, when given, is a record id.
+    """
+    check_id(msg.id)
+    check_labeler_id(msg.labeler_id, limits.max_labeler_chars)
+    check_conversation(msg.messages, limits, "the answer")
+    last = len(msg.messages) - 1
+    if msg.messages[last].role != "user":
+        raise InvalidComparison(f"messages[{last}].role", f"must be 'user': the conversation "
+                                "ends on the turn the answer answers (put the answer in "
+                                f"'answer', not in messages); got {msg.messages[last].role!r}")
+    if not msg.answer.strip():
+        raise InvalidComparison("answer", "is empty: send the answer the labeler wants")
+    check_size("answer", msg.answer, limits)
+    if msg.source not in KNOWN_SOURCES:
+        got = "it is missing" if msg.source == 0 else f"got {msg.source}"
+        names = ", ".join(DemonstrationSource.Name(s) for s in sorted(KNOWN_SOURCES))
+        raise InvalidComparison("source", f"must be one of {names}; {got}")
+    if msg.comparison_id:
+        check_id(msg.comparison_id, "comparison_id")
+    check_timestamps(msg)
 
 
 def _check_candidates(candidates: Sequence[Candidate], known_versions: Collection[str] | None,
@@ -191,7 +118,7 @@ def _check_candidates(candidates: Sequence[Candidate], known_versions: Collectio
         # empty string means the client lost the text.
         if not c.text:
             raise InvalidComparison(f"{where}.text", "is empty: send the text that was shown")
-        _check_size(f"{where}.text", c.text, limits)
+        check_size(f"{where}.text", c.text, limits)
         _check_version(f"{where}.adapter_version", c.adapter_version, known_versions)
         if c.request_id:
             problem = name_problem(c.request_id, limits.max_request_id_chars)
@@ -251,7 +178,7 @@ def _check_sampling(where: str, s: SamplingParams, limits: Limits) -> None:
     for j, stop in enumerate(s.stop):
         if not stop:
             raise InvalidComparison(f"{where}.stop[{j}]", "is empty")
-        _check_size(f"{where}.stop[{j}]", stop, limits)
+        check_size(f"{where}.stop[{j}]", stop, limits)
 
 
 def _check_flags(where: str, flags: Sequence[int]) -> None:

@@ -10,6 +10,11 @@ conversation and the two final answers, and stores a K = 2 Comparison through th
 idempotent script as the Feedback service (``rlhf.comparisons``) under an id derived from
 the content, so importing a file twice stores each pair once. Bad lines are counted and
 reported by line number, never fatal.
+
+``--demonstrations`` does the same for demonstrations (``rlhf.demonstration_files``): import
+reads prompt/response or chat-format JSONL, all or nothing (one bad line refuses the file,
+naming the line and field; nothing is stored); export writes the stream in chat format.
+``read_demonstrations`` (re-exported here) is the pure reader `rlhf sft` uses.
 """
 
 from __future__ import annotations
@@ -41,10 +46,17 @@ from rlhf.contract import (
     check_version_name,
     validate_comparison,
 )
+from rlhf.demonstration_files import (
+    DemonstrationFileError,
+    export_demonstrations,
+    import_demonstrations,
+    read_demonstrations,
+)
 from rlhf.v1 import feedback_pb2 as fb
 from rlhf.v1 import policy_pb2 as pb
 
 log = logging.getLogger(__name__)
+__all__ = ["DemonstrationFileError", "export", "import_file", "main", "read_demonstrations"]
 
 TURN_RE = re.compile(r"\n\n(Human|Assistant):")
 ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -136,23 +148,23 @@ def record_json(record: fb.Comparison) -> dict:
     return json_format.MessageToDict(record, preserving_proto_field_name=True)
 
 
-def preference_pairs(record: fb.Comparison) -> list[dict]:
-    """TRL preference pairs: one per pair of candidates with different ranks (C(K,2) minus
-    ties), the better one as "chosen"; margin = rank of the worse - rank of the better."""
-    prompt = [{"role": m.role, "content": m.content} for m in record.messages]
-    pairs = []
+def untied_pairs(record: fb.Comparison) -> list[tuple[fb.Candidate, fb.Candidate]]:
+    """(better, worse) for every pair of candidates with different ranks (C(K,2) minus ties),
+    in candidate order."""
     cands = list(record.candidates)
-    for i, a in enumerate(cands):
-        for b in cands[i + 1:]:
-            if a.rank == b.rank:
-                continue
-            win, lose = (a, b) if a.rank < b.rank else (b, a)
-            pairs.append({"prompt": prompt,
-                          "chosen": [{"role": "assistant", "content": win.text}],
-                          "rejected": [{"role": "assistant", "content": lose.text}],
-                          "comparison_id": record.id, "labeler_id": record.labeler_id,
-                          "margin": lose.rank - win.rank})
-    return pairs
+    return [(a, b) if a.rank < b.rank else (b, a)
+            for i, a in enumerate(cands) for b in cands[i + 1:] if a.rank != b.rank]
+
+
+def preference_pairs(record: fb.Comparison) -> list[dict]:
+    """TRL preference pairs: one per untied pair of candidates, the better one as "chosen";
+    margin = rank of the worse - rank of the better."""
+    prompt = [{"role": m.role, "content": m.content} for m in record.messages]
+    return [{"prompt": prompt, "chosen": [{"role": "assistant", "content": win.text}],
+             "rejected": [{"role": "assistant", "content": lose.text}],
+             "comparison_id": record.id, "labeler_id": record.labeler_id,
+             "margin": lose.rank - win.rank}
+            for win, lose in untied_pairs(record)]
 
 
 # -- files and Redis -------------------------------------------------------------------------
@@ -270,9 +282,15 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     exp.add_argument("--redis-url", required=True)
     exp.add_argument("--out", required=True, help="JSONL file (.gz: compressed)")
     exp.add_argument("--format", choices=["records", "pairs"], default="records")
-    imp = sub.add_parser("import", help='{"chosen", "rejected"} JSONL -> K = 2 comparisons')
+    exp.add_argument("--demonstrations", action="store_true",
+                     help="export the demonstrations stream instead (chat-format JSONL)")
+    imp = sub.add_parser("import", help='{"chosen", "rejected"} JSONL -> K = 2 comparisons; '
+                         "--demonstrations: prompt/response or chat JSONL -> demonstrations")
     imp.add_argument("--redis-url", required=True)
-    imp.add_argument("--in", dest="path", required=True, help="JSONL file (.gz: compressed)")
+    what = imp.add_mutually_exclusive_group(required=True)
+    what.add_argument("--in", dest="path", help="pairs JSONL file (.gz: compressed)")
+    what.add_argument("--demonstrations", metavar="FILE", help="demonstrations JSONL file "
+                      "(all or nothing: a bad line refuses the file)")
     imp.add_argument("--labeler-id", type=_labeler, default="imported")
     imp.add_argument("--adapter-version", type=_version, default="base")
     imp.add_argument("--limit", type=int, default=0, help="read only the first N lines")
@@ -284,8 +302,24 @@ def main(argv: Sequence[str]) -> int:
     client = redis.Redis.from_url(args.redis_url, socket_connect_timeout=5.0)
     start = time.perf_counter()
     try:
-        if args.action == "export":
+        if args.action == "export" and args.demonstrations:
+            with _atomic_output(args.out) as f:
+                summary = {"format": "demonstrations", "out": args.out,
+                           **export_demonstrations(client, f)}
+        elif args.action == "export":
             summary = export(client, args.out, args.format)
+        elif args.demonstrations:
+            if not Path(args.demonstrations).is_file():
+                log.error("no such file: %s", args.demonstrations)
+                return 2
+            try:
+                counts = import_demonstrations(client, args.demonstrations, args.labeler_id)
+            except DemonstrationFileError as exc:
+                log.error("refused, nothing stored: %s", exc)
+                sys.stdout.write(json.dumps({"in": exc.path, "refused": True, "line": exc.line,
+                                             "field": exc.field, "reason": exc.detail}) + "\n")
+                return 1
+            summary = {"in": args.demonstrations, **counts}
         else:
             if not Path(args.path).is_file():
                 log.error("no such file: %s", args.path)

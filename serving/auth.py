@@ -160,7 +160,7 @@ class Credentials:
         return OPEN
 
 
-def bind_labeler(record: fb.Comparison, claim: Claim) -> None:
+def bind_labeler(record: fb.Comparison | fb.Demonstration, claim: Claim) -> None:
     """Fill ``record.labeler_id`` from the claim (when empty) and stamp ``labeler_auth``;
     PERMISSION_DENIED when the record names someone else."""
     if claim.labeler:

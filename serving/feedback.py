@@ -1,13 +1,15 @@
-"""Comparison records in: the labeler binding, the contract check, the idempotent append.
+"""Feedback records in: the labeler binding, the contract check, the idempotent append.
 
-Wire-neutral like ``PolicyService``: the gRPC servicer and the HTTP route both hand a
-``rlhf.v1.Comparison`` and the caller's ``Claim`` (serving.auth) to ``FeedbackService.submit``
-and translate ``ServiceError`` codes. Every rule about a valid record is in
-``rlhf.contract`` (shared with `rlhf data import` and the learner's intake); the versions a
-candidate may cite come from the adapter registry (``RegisteredVersions``).
-A ranking is acknowledged only after Redis accepted it (docs/design.md §5); the Redis layout
-(stream fields, the id index, the consumer group) is written down in
-``proto/rlhf/v1/feedback.proto`` and coded once in ``rlhf.comparisons``.
+Wire-neutral like ``PolicyService``: the gRPC servicer and the HTTP routes hand a
+``rlhf.v1.Comparison`` (``FeedbackService.submit``) or a ``rlhf.v1.Demonstration``
+(``FeedbackService.submit_demonstration``) and the caller's ``Claim`` (serving.auth) to the
+service and translate ``ServiceError`` codes. Both records take the same path: bind the
+labeler, check the contract (``rlhf.contract``, shared with `rlhf data import` and the
+learner's intake), stamp received_at, append once per id. The versions a candidate may cite
+come from the adapter registry (``RegisteredVersions``). A record is acknowledged only after
+Redis accepted it (docs/design.md §5); the Redis layouts (stream fields, id indexes, the
+consumer group) are written down in ``proto/rlhf/v1/feedback.proto`` and coded once in
+``rlhf.comparisons``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,16 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from rlhf import adapter_store
-from rlhf.comparisons import GROUP, ID_INDEX, STREAM, SUBMIT_LUA, parse_reply, submit_call
+from rlhf.comparisons import (
+    COMPARISONS,
+    GROUP,
+    ID_INDEX,
+    LAYOUTS,
+    STREAM,
+    SUBMIT_LUA,
+    parse_reply,
+    submit_call,
+)
 from rlhf.comparisons import decode_entry as decode_entry  # re-exported for readers
 from rlhf.comparisons import encode_entry as encode_entry
 from rlhf.contract import (
@@ -34,8 +45,9 @@ from rlhf.contract import (
     Limits,
     check_candidate_versions,
     validate_comparison,
+    validate_demonstration,
 )
-from rlhf.v1.feedback_pb2 import Comparison
+from rlhf.v1.feedback_pb2 import Comparison, Demonstration
 from serving.auth import OPEN, Claim, bind_labeler
 from serving.config import ServingConfig
 from serving.service import Code, ServiceError
@@ -104,12 +116,17 @@ class RegisteredVersions:
 
 
 class ComparisonStore:
-    """Appends records to the comparisons stream, once per id."""
+    """Appends records once per id: comparisons to ``stream`` / ``id_index``, any other kind
+    (demonstrations) to its own layout's keys (``rlhf.comparisons.LAYOUTS``)."""
 
     def __init__(self, client: aioredis.Redis, stream: str = STREAM, id_index: str = ID_INDEX,
                  group: str = GROUP) -> None:
         self.client, self.stream, self.id_index, self.group = client, stream, id_index, group
         self._script = client.register_script(SUBMIT_LUA)
+
+    def streams(self) -> list[str]:
+        """Every stream this store appends to (the comparisons' first)."""
+        return [self.stream, *(lay.stream for lay in LAYOUTS.values() if lay is not COMPARISONS)]
 
     @classmethod
     def from_url(cls, url: str) -> ComparisonStore:
@@ -121,22 +138,29 @@ class ComparisonStore:
         return cls(client)
 
     async def ensure_group(self) -> bool:
-        """Create the learner's group (from 0, MKSTREAM) if missing; True if it was made."""
-        try:
-            await self.client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" in str(exc):
-                return False
-            raise
-        return True
+        """Create the learner's group (from 0, MKSTREAM) on every stream where it is missing;
+        True if one was made."""
+        made = False
+        for stream in self.streams():
+            try:
+                await self.client.xgroup_create(stream, self.group, id="0", mkstream=True)
+                made = True
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        return made
 
-    async def submit(self, record: Comparison) -> SubmitResult:
+    async def submit(self, record: Comparison | Demonstration) -> SubmitResult:
         """Store ``record`` unless its id is already stored; raises UNAVAILABLE if Redis fails."""
-        keys, args = submit_call(record, self.stream, self.id_index, self.group)
+        if isinstance(record, Comparison):
+            keys, args = submit_call(record, self.stream, self.id_index, self.group)
+        else:
+            keys, args = submit_call(record, group=self.group)
         try:
             reply = await self._script(keys=keys, args=args)
         except RedisError as exc:
-            log.warning("comparison %s not stored: %s: %s", record.id, type(exc).__name__, exc)
+            log.warning("%s %s not stored: %s: %s", type(record).__name__, record.id,
+                        type(exc).__name__, exc)
             raise ServiceError(Code.UNAVAILABLE, f"the feedback store (Redis) is unavailable "
                                f"({type(exc).__name__}: {exc}); {NOT_STORED}") from None
         duplicate, entry_id = parse_reply(reply)
@@ -174,8 +198,25 @@ class FeedbackService:
             check_candidate_versions(record.candidates, versions)
         except InvalidComparison as exc:
             raise invalid_argument(exc) from None
+        return await self._store(record)
+
+    async def submit_demonstration(self, demonstration: Demonstration, claim: Claim = OPEN
+                                   ) -> SubmitResult:
+        """The same errors as ``submit``; the record breaks no adapter-version rule (it holds
+        no candidates), so Redis is only touched to store it."""
+        record = Demonstration()
+        record.CopyFrom(demonstration)
+        bind_labeler(record, claim)
+        try:
+            validate_demonstration(record, self.limits)
+        except InvalidComparison as exc:
+            raise invalid_argument(exc) from None
+        return await self._store(record)
+
+    async def _store(self, record: Comparison | Demonstration) -> SubmitResult:
         record.received_at.FromMilliseconds(int(self.clock() * 1000))
         result = await self.store.submit(record)
-        log.debug("comparison %s from %s: %s as %s", record.id, record.labeler_id,
-                 "duplicate" if result.duplicate else "stored", result.stream_entry_id)
+        log.debug("%s %s from %s: %s as %s", type(record).__name__, record.id,
+                  record.labeler_id, "duplicate" if result.duplicate else "stored",
+                  result.stream_entry_id)
         return result

@@ -1,10 +1,12 @@
-"""The Feedback service's two wire faces: the gRPC servicer and the HTTP route.
+"""The Feedback service's two wire faces: the gRPC servicer and the HTTP routes.
 
-Both only translate: wire -> ``rlhf.v1.Comparison`` + the caller's ``Claim`` ->
-``FeedbackService.submit`` -> ``SubmitResponse`` or a status code. The HTTP body is the
-Comparison in protobuf's canonical JSON mapping (parsed with ``json_format``), so there is
-one schema. The gate (may this caller call at all) is the surrounding server's: the gRPC
-interceptor, the HTTP app's guard on ``/v1``; which labeler the caller proves is
+Both only translate: wire -> ``rlhf.v1.Comparison`` (``Submit``, ``POST
+/v1/feedback/comparisons``) or ``rlhf.v1.Demonstration`` (``SubmitDemonstration``, ``POST
+/v1/feedback/demonstrations``) + the caller's ``Claim`` -> ``FeedbackService`` ->
+``SubmitResponse`` or a status code. The HTTP body is the record in protobuf's canonical
+JSON mapping (parsed with ``json_format``), so there is one schema. The gate (may this
+caller call at all) is the surrounding server's: the gRPC interceptor, the HTTP app's
+guard on ``/v1``; which labeler the caller proves is
 ``Credentials.claim`` (serving.auth), from the same ``authorization`` and
 ``x-rlhf-labeler`` on both wires. The offending field of an INVALID_ARGUMENT travels as
 the gRPC trailing metadata ``rlhf-field`` and as the HTTP error's ``param``.
@@ -29,6 +31,7 @@ from serving.http_api import APIError
 from serving.service import Code, ServiceError
 
 ROUTE = "/v1/feedback/comparisons"
+DEMONSTRATIONS_ROUTE = "/v1/feedback/demonstrations"
 FIELD_METADATA = "rlhf-field"
 
 
@@ -66,10 +69,20 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
 
     async def Submit(self, request: feedback_pb2.SubmitRequest,
                      context: grpc.aio.ServicerContext) -> feedback_pb2.SubmitResponse:
+        return await self._call(self.feedback.submit, request.comparison, context)
+
+    async def SubmitDemonstration(self, request: feedback_pb2.SubmitDemonstrationRequest,
+                                  context: grpc.aio.ServicerContext
+                                  ) -> feedback_pb2.SubmitResponse:
+        return await self._call(self.feedback.submit_demonstration, request.demonstration,
+                                context)
+
+    async def _call(self, submit, record, context: grpc.aio.ServicerContext
+                    ) -> feedback_pb2.SubmitResponse:
         try:
             claim = self.credentials.claim(_metadata(context, "authorization"),
                                            forwarded_labeler(context))
-            result = await self.feedback.submit(request.comparison, claim)
+            result = await submit(record, claim)
         except ServiceError as exc:
             trailing = ((FIELD_METADATA, exc.field),) if exc.field else ()
             await context.abort(GRPC_STATUS[exc.code], exc.message, trailing_metadata=trailing)
@@ -78,6 +91,12 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
 
 def parse_comparison(body: bytes) -> feedback_pb2.Comparison:
     """The JSON body as a Comparison; APIError 400 saying what is wrong with it."""
+    return parse_record(body, feedback_pb2.Comparison)
+
+
+def parse_record(body: bytes, record_type):
+    """The JSON body as a ``record_type`` message; APIError 400 saying what is wrong."""
+    name = record_type.DESCRIPTOR.full_name
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -87,12 +106,12 @@ def parse_comparison(body: bytes) -> feedback_pb2.Comparison:
         raise APIError(400, "request body is not valid JSON: nested too deeply",
                        code="invalid_json") from None
     if not isinstance(data, dict):
-        raise APIError(400, "request body must be a JSON object: an rlhf.v1.Comparison",
+        raise APIError(400, f"request body must be a JSON object: an {name}",
                        code="invalid_json")
     try:
-        return json_format.ParseDict(data, feedback_pb2.Comparison())
+        return json_format.ParseDict(data, record_type())
     except (json_format.ParseError, RecursionError) as exc:
-        raise APIError(400, f"request body is not a valid rlhf.v1.Comparison: {exc}",
+        raise APIError(400, f"request body is not a valid {name}: {exc}",
                        code="invalid_argument") from None
 
 
@@ -101,15 +120,24 @@ def to_api_error(exc: ServiceError) -> APIError:
 
 
 def feedback_router(feedback: FeedbackService, credentials: Credentials) -> APIRouter:
-    """``POST /v1/feedback/comparisons``: 200 with a SubmitResponse; 400, 401, 403 or 503."""
+    """``POST /v1/feedback/comparisons`` and ``POST /v1/feedback/demonstrations``: 200 with a
+    SubmitResponse; 400, 401, 403 or 503."""
     router = APIRouter()
 
     @router.post(ROUTE)
     async def submit_comparison(request: Request) -> JSONResponse:
+        return await http_submit(request, feedback.submit, feedback_pb2.Comparison)
+
+    @router.post(DEMONSTRATIONS_ROUTE)
+    async def submit_demonstration(request: Request) -> JSONResponse:
+        return await http_submit(request, feedback.submit_demonstration,
+                                 feedback_pb2.Demonstration)
+
+    async def http_submit(request: Request, submit, record_type) -> JSONResponse:
         try:
             claim = credentials.claim(request.headers.get("authorization"),
                                       header_text(request.headers.get(LABELER_HEADER)))
-            result = await feedback.submit(parse_comparison(await request.body()), claim)
+            result = await submit(parse_record(await request.body(), record_type), claim)
         except APIError as exc:
             return exc.response()
         except ServiceError as exc:

@@ -42,6 +42,7 @@ ERRORS_BY_PATH = {
     "/v1/chat/completions": (400, 401, 404, 413, 429, 500, 503, 504),
     "/v1/models": (401, 500, 503),
     "/v1/feedback/comparisons": (400, 401, 403, 413, 500, 503),
+    "/v1/feedback/demonstrations": (400, 401, 403, 413, 500, 503),
     "/healthz": (500,),
     "/metrics": (500,),
 }
@@ -176,6 +177,16 @@ def _comparison_rules(components: dict[str, Any]) -> None:
                                                      "maximum": 9})
 
 
+def _demonstration_rules(components: dict[str, Any]) -> None:
+    """The same for a Demonstration (ending on a user turn is in the proto only)."""
+    record = components["rlhf.v1.Demonstration"]
+    record["required"] = ["id", "messages", "answer", "source"]
+    props = record["properties"]
+    props["id"] = {"type": "string", "pattern": f"^{contract.ID_RE.pattern}$"}
+    props["labeler_id"], props["answer"] = _TEXT, _TEXT
+    props["messages"].update(minItems=1)
+
+
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
@@ -208,13 +219,17 @@ def _document(app: FastAPI, config: ServingConfig) -> dict[str, Any]:
     paths["/metrics"]["get"]["responses"]["200"] = {
         "description": "Prometheus text format",
         "content": {"text/plain": {"schema": {"type": "string"}}}}
-    feedback = paths.get("/v1/feedback/comparisons", {}).get("post")
-    if feedback is not None:
-        body = proto_schema(feedback_pb2.Comparison.DESCRIPTOR, components)
-        _comparison_rules(components)
+    for path, record, rules in (
+            ("/v1/feedback/comparisons", feedback_pb2.Comparison, _comparison_rules),
+            ("/v1/feedback/demonstrations", feedback_pb2.Demonstration, _demonstration_rules)):
+        feedback = paths.get(path, {}).get("post")
+        if feedback is None:
+            continue
+        body = proto_schema(record.DESCRIPTOR, components)
+        rules(components)
         feedback["requestBody"] = {"required": True, "content": {"application/json": {
-            "schema": body}}, "description": "an rlhf.v1.Comparison in protobuf's JSON "
-            "mapping (proto/rlhf/v1/feedback.proto says what a valid record is)"}
+            "schema": body}}, "description": f"an {record.DESCRIPTOR.full_name} in protobuf's "
+            "JSON mapping (proto/rlhf/v1/feedback.proto says what a valid record is)"}
         feedback["responses"]["200"] = _json(
             proto_schema(feedback_pb2.SubmitResponse.DESCRIPTOR, components), "stored")
     return doc

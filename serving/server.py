@@ -155,8 +155,9 @@ async def _prepare_feedback(feedback: FeedbackService | None) -> None:
         return
     try:
         made = await feedback.store.ensure_group()
-        log.info("comparisons stream %s: consumer group %s %s", feedback.store.stream,
-                 feedback.store.group, "created" if made else "exists")
+        log.info("feedback streams %s: consumer group %s %s",
+                 ", ".join(feedback.store.streams()), feedback.store.group,
+                 "created" if made else "exists")
     except RedisError as exc:
         log.warning("feedback store unreachable at start (%s); submissions will fail with "
                     "UNAVAILABLE until it answers", exc)

@@ -65,6 +65,20 @@ def dashboard(env, **params) -> dict:
     return reply.json()
 
 
+def row(submitted: int, learned: int, demos_submitted: int = 0, demos_learned: int = 0
+        ) -> dict[str, int]:
+    return {"submitted": submitted, "learned": learned,
+            "demonstrations_submitted": demos_submitted, "demonstrations_learned": demos_learned}
+
+
+def demonstration(i: int, labeler: str) -> fb.Demonstration:
+    d = fb.Demonstration(id=f"dash-demo-{i:03d}", labeler_id=labeler, answer=f"{i + 1}.",
+                         source=fb.DEMONSTRATION_SOURCE_API,
+                         messages=[pb.ChatMessage(role="user", content=f"What is {i} + 1?")])
+    d.received_at.FromMilliseconds(1_700_000_000_000 + i)
+    return d
+
+
 def test_dashboard_needs_the_token(env):
     assert env["http"].get("/v1/dashboard").status_code == 401
     assert env["http"].get("/v1/dashboard", headers={"Authorization": "Bearer x"}
@@ -81,8 +95,10 @@ def test_queue_and_labelers_follow_the_stream_and_the_dataset(env):
     comparisons.append_many(client, [record(i, who) for i, who in enumerate(labelers)])
     body = dashboard(env)
     assert body["queue"] == {"stream_length": 5, "lag": 5, "pending": 0, "depth": 5}
-    assert body["labelers"] == {"alice": {"submitted": 3, "learned": 0},
-                                "bob": {"submitted": 2, "learned": 0}}
+    assert body["labelers"] == {"alice": row(3, 0), "bob": row(2, 0)}
+    comparisons.append_many(client, [demonstration(0, "alice"), demonstration(1, "erin")])
+    assert dashboard(env)["labelers"] == {"alice": row(3, 0, 1, 0), "bob": row(2, 0),
+                                          "erin": row(0, 0, 1, 0)}
 
     # The learner drains three (stored + acked); another consumer holds one unacked.
     assert learner.intake.drain(max_records=3).acked == 3
@@ -90,9 +106,8 @@ def test_queue_and_labelers_follow_the_stream_and_the_dataset(env):
     comparisons.append_many(client, [record(5, "carol")])
     body = dashboard(env)
     assert body["queue"] == {"stream_length": 6, "lag": 2, "pending": 1, "depth": 3}
-    assert body["labelers"] == {"alice": {"submitted": 3, "learned": 2},
-                                "bob": {"submitted": 2, "learned": 1},
-                                "carol": {"submitted": 1, "learned": 0}}
+    assert body["labelers"] == {"alice": row(3, 2, 1, 1), "bob": row(2, 1),
+                                "carol": row(1, 0), "erin": row(0, 0, 1, 1)}
     assert body["status"]["dataset_size"] == 3 and body["status"]["running"] is False
 
     # A deleted and refilled stream is counted afresh, not on top of the old counts.
@@ -100,7 +115,7 @@ def test_queue_and_labelers_follow_the_stream_and_the_dataset(env):
     comparisons.append_many(client, [record(9, "dave")])
     body = dashboard(env)
     assert {k: v["submitted"] for k, v in body["labelers"].items()} == {
-        "alice": 0, "bob": 0, "dave": 1}
+        "alice": 0, "bob": 0, "dave": 1, "erin": 0}
     assert body["queue"] == {"stream_length": 1, "lag": 1, "pending": 0, "depth": 1}
 
 

@@ -1,7 +1,7 @@
 """Data-parallel training under torchrun (gloo, 2 CPU processes): ranks end bit-identical,
 training happened, and the result matches ONE process on the same global batches.
 
-``learner.ddp_check`` runs the RM phase and PPO under ``torchrun --nproc_per_node=2`` and,
+``bench.ddp_check`` runs the RM phase and PPO under ``torchrun --nproc_per_node=2`` and,
 as the reference, in this process (no process group); each rank saves snapshots of every
 trained tensor and of the gradient its last step used.
 PPO sampling differs per rank by design (seed + rank offset), so the PPO comparison with
@@ -33,14 +33,14 @@ SLOW = pytest.mark.slow  # torchrun starts 3 interpreters that import torch/tran
 def runs(tiny_model_dir: Path, tmp_path_factory) -> dict[str, Path]:
     """torchrun in a child while the single-process reference runs here (one interpreter
     fewer to start; ddp_check seeds everything it uses, and no process group exists here)."""
-    from learner.ddp_check import run
+    from bench.ddp_check import run
 
     base = tmp_path_factory.mktemp("ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "learner.ddp_check", "--model", str(tiny_model_dir), "--out", str(base / "ddp")],
+         "-m", "bench.ddp_check", "--model", str(tiny_model_dir), "--out", str(base / "ddp")],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True)  # its own process group: a kill takes the ranks along
     try:

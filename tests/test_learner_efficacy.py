@@ -6,7 +6,7 @@ held-out (by labeler) accuracy above chance.
 
 What the tiny model (140k parameters, ~10% of its answers correct) can learn here is the
 style part of the gold preference: it starts polite in ~20% of answers and ends polite in
-most; it cannot learn arithmetic in four iterations. ``python -m learner.efficacy_bench`` is
+most; it cannot learn arithmetic in four iterations. ``python -m bench.efficacy`` is
 the full-size run (the starter model, ptx on vs off). Cost: ~60-90 s of CPU at one thread.
 """
 
@@ -19,8 +19,8 @@ import pytest
 import redis
 import torch
 
+from bench.efficacy_loop import EfficacyConfig, run_efficacy
 from learner.config import LearnerConfig
-from learner.efficacy import EfficacyConfig, run_efficacy
 from rlhf.modeling import load_model
 from rlhf.settings import from_flat
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import random
 import time
 
+from bench.simulate import PROMPTS, Pacer, questions, ranker
 from rlhf import preferences
 from rlhf.gold import gold_ranks
-from ui.simulate import PROMPTS, Pacer, questions, ranker
 
 
 def test_pacer_stops_at_count_and_gives_failed_turns_back():

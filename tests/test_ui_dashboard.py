@@ -175,8 +175,9 @@ def test_operator_triggers_and_watches_an_iteration(browser, stack):
     page = open_dashboard(browser, stack, "alice")
     expect(page.locator("#dash-queue")).to_contain_text("Waiting for the learner: 7")
     expect(page.locator("#dash-labelers table")).to_be_visible()
-    assert table(page, "dash-labelers") == [["alice", "3", "0"], ["bob", "2", "0"],
-                                            ["carol", "2", "0"]]
+    assert table(page, "dash-labelers") == [["alice", "3", "0", "0", "0"],
+                                            ["bob", "2", "0", "0", "0"],
+                                            ["carol", "2", "0", "0", "0"]]
     expect(page.locator("#dash-adapters")).to_contain_text("No adapter published yet")
     expect(page.locator("#dash-progress")).to_contain_text("no iteration has run yet")
 
@@ -197,8 +198,9 @@ def test_operator_triggers_and_watches_an_iteration(browser, stack):
     [adapter] = table(page, "dash-adapters")
     assert adapter[:2] == ["v1 (current)", "–"] and adapter[3] == done["id"]
     expect(page.locator("#dash-queue")).to_contain_text("Waiting for the learner: 0")
-    assert table(page, "dash-labelers") == [["alice", "3", "3"], ["bob", "2", "2"],
-                                            ["carol", "2", "2"]]
+    assert table(page, "dash-labelers") == [["alice", "3", "3", "0", "0"],
+                                            ["bob", "2", "2", "0", "0"],
+                                            ["carol", "2", "2", "0", "0"]]
     # The RM-accuracy curve has the iteration's point, at its exact value.
     point = page.locator(f'#dash-plot-0 circle[data-metric="rm/accuracy"]'
                          f'[data-iteration="{done["id"]}"]')

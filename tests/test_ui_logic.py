@@ -15,6 +15,7 @@ from ui.logic import (
     RankingError,
     Turn,
     build_comparison,
+    build_demonstration,
     continue_with,
     display_order,
     parse_flags,
@@ -41,6 +42,30 @@ def build(turn: Turn, ranks=(2, 1, 2, 4), flags=((), (), (), (fb.FLAG_HARMFUL,))
             "flags": [list(f) for f in flags], "comment": " ok ", "ideal_answer": " 4 ",
             "rank_time_ms": 1234, "created_at_ms": 1_700_000_000_000, **kw}
     return build_comparison(turn, **args)
+
+
+def test_the_better_answer_is_a_valid_demonstration_beside_the_ranking():
+    from learner.demonstrations import sft_demonstrations
+    from rlhf.contract import validate_comparison, validate_demonstration
+
+    turn = make_turn()
+    ranking = build(turn, ideal_answer="  2 + 2 = 4.\n")
+    validate_comparison(ranking)
+    demo = build_demonstration(turn, demonstration_id="d" * 32, comparison=ranking)
+    validate_demonstration(demo)
+    assert (demo.id, demo.labeler_id, demo.answer, demo.comparison_id, demo.source) == (
+        "d" * 32, "alice", "2 + 2 = 4.", ranking.id, fb.DEMONSTRATION_SOURCE_UI)
+    # The conversation up to the user turn the candidates answer, not the answers.
+    assert [(m.role, m.content) for m in demo.messages] == [
+        (m["role"], m["content"]) for m in turn.messages]
+    assert demo.messages[-1].role == "user" and demo.created_at == ranking.created_at
+    assert not demo.HasField("received_at")
+    # The ranking keeps the text too; the learner's SFT set counts it once.
+    assert ranking.ideal_answer == demo.answer
+    assert sft_demonstrations([demo], [ranking]) == [demo]
+    for blank in ("", "  \n "):
+        assert build_demonstration(turn, demonstration_id="d" * 32,
+                                   comparison=build(turn, ideal_answer=blank)) is None
 
 
 def test_comparison_from_ui_state_matches_field_by_field():
@@ -173,6 +198,8 @@ class FakeClient:
 
     def __init__(self) -> None:
         self.down, self.received = False, []
+        self.demos_down: grpc.StatusCode | None = None
+        self.demonstrations: list[fb.Demonstration] = []
 
     def info(self) -> pb.ServerInfo:
         return pb.ServerInfo(current_adapter_version="v7")
@@ -190,6 +217,12 @@ class FakeClient:
         dup = any(r.id == record.id for r in self.received)
         self.received.append(record)
         return fb.SubmitResponse(id=record.id, duplicate=dup, stream_entry_id="1-0")
+
+    def submit_demonstration(self, record: fb.Demonstration) -> fb.SubmitResponse:
+        if self.demos_down is not None:
+            raise user_message(FakeRpcError(self.demos_down, "no"), "submit")
+        self.demonstrations.append(record)
+        return fb.SubmitResponse(id=record.id, stream_entry_id="2-0")
 
 
 class Login:
@@ -225,6 +258,41 @@ def test_handlers_rank_fail_retry_same_record_and_continue():
     assert session["messages"] == [{"role": "user", "content": "hello"},
                                    {"role": "assistant", "content": shown[1]}]
     assert session["turn"] is None and ok[app.chat] == session["messages"]
+
+
+def test_handlers_submit_the_better_answer_beside_the_ranking_and_retry_only_what_failed():
+    from ui.app import RankingApp, _new_session
+
+    client = FakeClient()
+    app = RankingApp(UIConfig(k=2), client)
+    app.build()
+    session = _new_session()
+    list(app.send(session, "What is 2 + 2?", Login()))
+    client.demos_down = grpc.StatusCode.UNAVAILABLE
+    failed = app.submit(Login(), session, "1", "2", [], [], "", "It is 4.")
+    assert "Ranking stored" in failed[app.status] and "NOT stored" in failed[app.status]
+    assert len(client.received) == 1 and not client.demonstrations
+    client.demos_down = None
+    ok = app.retry(session)
+    assert "demonstration" in ok[app.status] and session["pending"] is None
+    assert len(client.received) == 1  # the stored ranking was not sent again
+    [demo] = client.demonstrations
+    [ranking] = client.received
+    assert (demo.comparison_id, demo.answer, demo.labeler_id) == (ranking.id, "It is 4.", "bob")
+    assert [(m.role, m.content) for m in demo.messages] == [("user", "What is 2 + 2?")]
+    assert session["turn"] is None  # the chat went on
+
+    # A refused demonstration does not hold up a stored ranking (its ideal_answer has it).
+    list(app.send(session, "And 3 + 3?", Login()))
+    client.demos_down = grpc.StatusCode.INVALID_ARGUMENT
+    out = app.submit(Login(), session, "2", "1", [], [], "", "6")
+    assert "not stored as a demonstration" in out[app.status] and session["turn"] is None
+    assert len(client.received) == 2 and session["pending"] is None
+    # No better answer: no demonstration at all.
+    client.demos_down = None
+    list(app.send(session, "Thanks", Login()))
+    app.submit(Login(), session, "1", "1", [], [], "", "  ")
+    assert len(client.received) == 3 and len(client.demonstrations) == 1
 
 
 def test_handlers_skip_and_new_conversation():

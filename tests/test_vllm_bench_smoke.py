@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.bench import main
+from bench.cli import main
 
 
 @pytest.mark.timeout(300)

@@ -3,8 +3,9 @@ ui.client.
 
 One turn: the labeler sends a message, K alternatives stream in side by side (shuffled,
 no model identity), the rank controls open once all K finished, Submit stores the
-Comparison through Feedback.Submit and the chat continues from the top-ranked answer.
-A ranking that could not be stored is kept and Retry resends the very same record.
+Comparison through Feedback.Submit (and a written better answer also as a Demonstration,
+Feedback.SubmitDemonstration) and the chat continues from the top-ranked answer.
+A ranking that could not be stored is kept and Retry resends the very same records.
 The Dashboard tab (ui.dashboard) shows the learner's state and lets operators trigger.
 """
 
@@ -29,6 +30,7 @@ from ui.logic import (
     RankingError,
     Turn,
     build_comparison,
+    build_demonstration,
     continue_with,
     display_order,
     parse_flags,
@@ -40,8 +42,9 @@ UPDATE_EVERY_S = 0.1  # at most ~10 screen updates a second while streaming
 
 
 def _new_session() -> dict[str, Any]:
-    # messages: the conversation; turn: the Turn being ranked; pending: a record kept
-    # for Retry as {"record": bytes, "request_id": str, "ranks": [...]}.
+    # messages: the conversation; turn: the Turn being ranked; pending: the records kept
+    # for Retry as {"record": bytes, "demonstration": bytes | None, "request_id": str,
+    # "ranks": [...]} (each one set to None once stored).
     return {"messages": [], "turn": None, "pending": None}
 
 
@@ -150,7 +153,9 @@ class RankingApp:
                 created_at_ms=int(time.time() * 1000))
         except RankingError as exc:
             return {self.state: session, self.status: f"⚠️ {exc}"}
+        demo = build_demonstration(turn, demonstration_id=uuid.uuid4().hex, comparison=record)
         session["pending"] = {"record": record.SerializeToString(),
+                              "demonstration": demo.SerializeToString() if demo else None,
                               "request_id": turn.request_id, "ranks": ranks}
         return self._send_pending(session)
 
@@ -162,18 +167,29 @@ class RankingApp:
 
     def _send_pending(self, session: dict) -> dict:
         pending = session["pending"]
-        record = fb.Comparison.FromString(pending["record"])
+        done = []
         try:
-            reply = self.client.submit(record)
+            if pending["record"] is not None:
+                reply = self.client.submit(fb.Comparison.FromString(pending["record"]))
+                pending["record"] = None
+                done.append(f"Ranking stored (id `{reply.id}`"
+                            f"{', already stored before' if reply.duplicate else ''})")
+            if pending.get("demonstration") is not None:
+                self.client.submit_demonstration(
+                    fb.Demonstration.FromString(pending["demonstration"]))
+                pending["demonstration"] = None
+                done.append("your better answer stored as a demonstration")
         except ServingError as exc:
-            if not exc.retryable:
-                session["pending"] = None
-            return {self.state: session, self.status: f"⚠️ {exc}",
-                    self.retry_btn: gr.update(visible=exc.retryable)}
+            if exc.retryable or pending["record"] is not None:  # the ranking is not stored
+                if not exc.retryable:
+                    session["pending"] = None
+                return {self.state: session, self.status: "; ".join([*done, f"⚠️ {exc}"]),
+                        self.retry_btn: gr.update(visible=exc.retryable)}
+            # The ranking is stored (with the text as its ideal_answer): carry on.
+            done.append(f"⚠️ the better answer was not stored as a demonstration: {exc}")
         session["pending"] = None
         out = {self.state: session, self.retry_btn: gr.update(visible=False),
-               self.status: f"✅ Ranking stored (id `{reply.id}`"
-                            f"{', already stored before' if reply.duplicate else ''})."}
+               self.status: f"✅ {'; '.join(done) or 'Stored'}."}
         turn: Turn | None = session["turn"]
         if turn is not None and turn.request_id == pending["request_id"]:
             session["messages"] = continue_with(turn, pending["ranks"])

@@ -1,4 +1,5 @@
-"""The one place the UI talks to serving: Policy.Generate/GetInfo and Feedback.Submit.
+"""The one place the UI talks to serving: Policy.Generate/GetInfo and Feedback.Submit /
+SubmitDemonstration.
 
 Rankings carry the logged-in labeler in the ``x-rlhf-labeler`` metadata; serving believes
 it only from its UI service token (serving's ``--ui-token``, given to the UI as its
@@ -130,4 +131,15 @@ class ServingClient:
                                          timeout=min(self._timeout, 30.0), metadata=metadata)
         except grpc.RpcError as exc:
             log.warning("submit of %s failed: %s", record.id, exc.code())
+            raise user_message(exc, "submit") from None
+
+    def submit_demonstration(self, record: fb.Demonstration) -> fb.SubmitResponse:
+        """Store one demonstration as its labeler, like ``submit`` (idempotent by id)."""
+        metadata = [*self._metadata, *labeler_metadata(record.labeler_id)]
+        try:
+            return self._feedback.SubmitDemonstration(
+                fb.SubmitDemonstrationRequest(demonstration=record),
+                timeout=min(self._timeout, 30.0), metadata=metadata)
+        except grpc.RpcError as exc:
+            log.warning("submit of demonstration %s failed: %s", record.id, exc.code())
             raise user_message(exc, "submit") from None

@@ -3,10 +3,10 @@
 One call, ``GET /v1/dashboard`` (learner/dashboard.py), fills everything: per-iteration
 curves (RM accuracy, win rates, gold ones when a simulation logged them, reward, KL,
 pretraining loss) and the same numbers as a table, the queue of comparisons not yet
-consumed by the learner, comparisons per labeler, adapter versions. Operators (config
-``operators``) get a Trigger button (``POST /v1/iterations``); while an iteration runs a
-``gr.Timer`` refreshes the tab, and stops once it finished. Everyone else sees the tab
-read-only, and the handler itself refuses them too (Gradio events are callable by any
+consumed by the learner, comparisons and demonstrations per labeler, adapter versions.
+Operators (config ``operators``) get a Trigger button (``POST /v1/iterations``); while an
+iteration runs a ``gr.Timer`` refreshes the tab, and stops once it finished. Everyone else
+sees the tab read-only, and the handler itself refuses them too (Gradio events are callable by any
 logged-in user). The UI imports no learner code: the HTTP API is the contract.
 """
 
@@ -136,9 +136,11 @@ def queue_text(queue: Mapping[str, int]) -> str:
 
 def labelers_table(labelers: Mapping[str, Mapping[str, int]]) -> str:
     if not labelers:
-        return "No comparisons yet."
-    rows = [[who, c["submitted"], c["learned"]] for who, c in labelers.items()]
-    return _table(["labeler", "comparisons submitted", "in the learner's dataset"], rows)
+        return "No comparisons or demonstrations yet."
+    rows = [[who, c["submitted"], c["learned"], c.get("demonstrations_submitted", 0),
+             c.get("demonstrations_learned", 0)] for who, c in labelers.items()]
+    return _table(["labeler", "comparisons submitted", "in the learner's dataset",
+                   "demonstrations submitted", "demonstrations in the dataset"], rows)
 
 
 def adapters_table(adapters: Sequence[Mapping[str, Any]]) -> str:
@@ -244,7 +246,7 @@ class DashboardTab:
                 gr.Markdown("### Adapter versions")
                 self.adapters = gr.Markdown("", elem_id="dash-adapters")
             with gr.Column():
-                gr.Markdown("### Comparisons per labeler")
+                gr.Markdown("### Comparisons and demonstrations per labeler")
                 self.labelers = gr.Markdown("", elem_id="dash-labelers")
         self.timer = gr.Timer(self.config.dashboard_refresh_s, active=False)
         shown = [self.progress, self.message, self.queue, self.labelers, self.adapters,

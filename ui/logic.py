@@ -1,4 +1,5 @@
-"""Pure logic of the ranking UI: turn state, shuffling, rank parsing, the Comparison record.
+"""Pure logic of the ranking UI: turn state, shuffling, rank parsing, the records (the
+Comparison of a ranking, and the Demonstration of a "better answer" written beside it).
 
 Nothing here touches Gradio or the network, so every rule is unit-tested on its own.
 Controls on screen are indexed by *displayed position*; the record lists candidates in
@@ -122,6 +123,23 @@ def build_comparison(turn: Turn, *, comparison_id: str, labeler_id: str,
                               rank=ranks[pos], flags=list(flags[pos]),
                               request_id=turn.request_id)
     record.created_at.FromMilliseconds(created_at_ms)
+    return record
+
+
+def build_demonstration(turn: Turn, *, demonstration_id: str, comparison: fb.Comparison
+                        ) -> fb.Demonstration | None:
+    """The labeler's better answer as a Demonstration of the turn's conversation (which ends
+    on the user message the candidates answer), beside ``comparison`` (its id, labeler,
+    time); None when they wrote none. The Comparison keeps the same text as
+    ``ideal_answer``: the learner counts it once (learner.demonstrations)."""
+    if not comparison.ideal_answer.strip():
+        return None
+    record = fb.Demonstration(
+        id=demonstration_id, labeler_id=comparison.labeler_id,
+        answer=comparison.ideal_answer, source=fb.DEMONSTRATION_SOURCE_UI,
+        comparison_id=comparison.id,
+        messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in turn.messages])
+    record.created_at.CopyFrom(comparison.created_at)
     return record
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import redis
 
+from bench.kit.records import label
 from learner.config import LearnerConfig
 from learner.iteration import Learner, Progress
 from learner.ppo import POLICY
@@ -41,12 +42,9 @@ from rlhf.modeling import LoadedModel
 from rlhf.preferences import Item, draw_general, is_heldout
 from rlhf.settings import setting as _f
 from rlhf.starter_data import check
-from rlhf.v1 import feedback_pb2 as fb
-from rlhf.v1 import policy_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-EPOCH_MS = 1_700_000_000_000  # received_at of the first record: fixed, so runs repeat exactly
 PROMPT_SETS = ("starter", "general")
 
 
@@ -106,32 +104,6 @@ def generate(learner: Learner, prompts: Sequence[str], seed: int, policy: bool,
     texts = sample(learner.rm, learner.loaded.tokenizer, learner.ppo_cfg, prompts, seed,
                    POLICY if policy else None, batch)
     return [text.strip() for text in texts]
-
-
-# -- labelling -------------------------------------------------------------------------------
-
-
-def label(items: Sequence[Item], samples: Sequence[Sequence[str]], iteration: int,
-          labelers: int, seed: int, version: str, preference: preferences.Preference
-          ) -> list[fb.Comparison]:
-    """One Comparison per prompt, its samples ranked by ``preference``. Empty samples are
-    left out (the Feedback API refuses empty candidates); a prompt with fewer than two left
-    is skipped."""
-    out = []
-    for i, (item, texts) in enumerate(zip(items, samples, strict=True)):
-        texts = [t for t in texts if t]
-        if len(texts) < 2:
-            continue
-        record = fb.Comparison(id=f"sim-{seed}-{iteration:03d}-{i:05d}",
-                               labeler_id=f"sim-{i % labelers}",
-                               messages=[pb.ChatMessage(role="user", content=item.prompt)])
-        ranks = preferences.ranks([preference.utility(item, t) for t in texts])
-        for position, (text, rank) in enumerate(zip(texts, ranks, strict=True)):
-            record.candidates.add(text=text, rank=rank, position=position,
-                                  adapter_version=version, seed=seed)
-        record.received_at.FromMilliseconds(EPOCH_MS + 1000 * iteration + i)
-        out.append(record)
-    return out
 
 
 # -- measuring -------------------------------------------------------------------------------

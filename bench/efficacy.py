@@ -1,6 +1,6 @@
-"""Efficacy bench: ``python -m learner.efficacy_bench [--preferences a,b] [learner flags]``.
+"""Efficacy bench: ``rlhf bench efficacy [--preferences a,b] [learner flags]``.
 
-Runs ``learner.efficacy`` (simulated labelers with a hidden preference rank the policy's own
+Runs ``bench.efficacy_loop`` (simulated labelers with a hidden preference rank the policy's own
 samples; real Redis stream, real ``Learner.run`` iterations) once per arm: one arm per
 preference (``rlhf.preferences``), and with ``--ptx-ablation`` each preference twice, ptx off
 and on (InstructGPT's PPO vs PPO-ptx). The learner runs with its SHIPPED defaults
@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
+from bench.efficacy_loop import EfficacyConfig, run_efficacy
+from bench.kit.report import plot_curves, write_report
 from learner.config import LearnerConfig
-from learner.efficacy import EfficacyConfig, run_efficacy
 from rlhf import preferences, settings
 from rlhf.local_redis import private_redis
 from rlhf.modeling import load_model, resolve_model_name
@@ -82,36 +83,8 @@ def summarize(curve: Sequence[dict]) -> dict:
                               else None)}
 
 
-def plot(arms: dict[str, dict], path: Path, title: str) -> None:
-    """One panel per curve, every arm on each (Agg backend: no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.6))
-    for ax, (key, label) in zip(axes, PANELS, strict=True):
-        for name, arm in arms.items():
-            points = [(p["iteration"], p[key]) for p in arm["curve"] if p[key] is not None]
-            if points:
-                ax.plot(*zip(*points, strict=True), marker="o", label=name)
-        if key == "win_rate":
-            ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-        ax.set_title(label, fontsize=10)
-        ax.set_xlabel("iteration")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, dict]:
-    p = argparse.ArgumentParser(prog="python -m learner.efficacy_bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="rlhf bench efficacy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Any other flag is an `rlhf learn` knob (see "
                                        "`rlhf learn --help`), e.g. --rm-lr 3e-3.")
@@ -186,10 +159,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                           None)),
               "arms": results, "elapsed_s": round(time.perf_counter() - start, 1)}
     png = Path(args.png)
-    plot(results, png, f"efficacy on {Path(model).name}: {len(results)} arms, "
-         f"{args.iterations} iterations, {args.eval_tasks} held-out prompts")
+    plot_curves({name: arm["curve"] for name, arm in results.items()}, PANELS, png,
+                f"efficacy on {Path(model).name}: {len(results)} arms, "
+         f"{args.iterations} iterations, {args.eval_tasks} held-out prompts",
+                lines={"win_rate": 0.5})
     report["png"] = str(png.resolve())
-    sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    write_report(report)
     return 0
 
 

@@ -31,9 +31,9 @@ import time
 import torch
 from peft import LoraConfig
 
+from bench.kit.stats import ratio_spread, spread_runs
 from learner.ppo import PPOConfig, make_ppo_state, ppo_step
 from learner.reward_model import RewardModel, RMConfig
-from learner.trl_bench import summarize
 from rlhf.modeling import load_model
 from rlhf.starter_data import make_tasks
 
@@ -204,19 +204,11 @@ def run(args: argparse.Namespace, model_dir: str) -> dict:
         log.info("ppo bench repeat %d/%d: trl", i + 1, args.repeats)
         theirs.append(run_trl(args, model_dir, batches))
 
-    def agg(runs: list[dict]) -> dict:
-        return {k: summarize([r[k] for r in runs]) if isinstance(v, float) else v
-                for k, v in runs[0].items()}
-
-    ratio = [o["episodes_per_s"] / t["episodes_per_s"] for o, t in zip(ours, theirs, strict=True)]
-    ratio_after = [o["episodes_per_s_after_first"] / t["episodes_per_s_after_first"]
-                   for o, t in zip(ours, theirs, strict=True)]
-    ratio_cpu = [o["episodes_per_cpu_s"] / t["episodes_per_cpu_s"]
-                 for o, t in zip(ours, theirs, strict=True)]
-    return {"ours": agg(ours), "trl": agg(theirs),  # 3
-            "ratio_ours_over_trl": summarize(ratio),
-            "ratio_ours_over_trl_cpu_time": summarize(ratio_cpu),
-            "ratio_ours_over_trl_after_first_batch": summarize(ratio_after),
+    return {"ours": spread_runs(ours), "trl": spread_runs(theirs),  # 3
+            "ratio_ours_over_trl": ratio_spread(ours, theirs, "episodes_per_s"),
+            "ratio_ours_over_trl_cpu_time": ratio_spread(ours, theirs, "episodes_per_cpu_s"),
+            "ratio_ours_over_trl_after_first_batch": ratio_spread(
+                ours, theirs, "episodes_per_s_after_first"),
             "target": "episodes/s >= 1.5x TRL's",
             "setup": {"batches": args.steps, "episodes_per_batch": args.ppo_batch,
                       "minibatch": args.minibatch, "ppo_epochs": 1,

@@ -1,16 +1,17 @@
 """RM training: our K-wise batching vs TRL's ``RewardTrainer`` on the same data as pairs.
 
-Data: the K = 4 synthetic comparisons of ``learner.rm_bench`` (train and held-out sets from
-different seeds). Ours trains on them K-wise (every candidate forwarded once per step,
-InstructGPT); TRL trains on every comparison expanded into its C(4,2) = 6 (chosen, rejected)
-pairs, shuffled across prompts by its sampler (each candidate forwarded 3 times per epoch).
+Data: the K = 4 synthetic comparisons of ``bench.rm`` (``bench.kit.records``; train and
+held-out sets from different seeds). Ours trains on them K-wise (every candidate forwarded
+once per step, InstructGPT); TRL trains on every comparison expanded into its C(4,2) = 6
+(chosen, rejected) pairs, shuffled across prompts by its sampler (each candidate forwarded 3
+times per epoch).
 Rows are tokenized once, by our code, and handed to TRL pre-tokenized (``chosen_ids`` /
 ``rejected_ids``), so both sides see byte-identical token rows (prompt through the chat
 template + answer + EOS; the score is read at the EOS on both sides).
 
 Held-out accuracy: the same K = 4 comparisons, scored by each trained model, pair accuracy
 (r_win > r_lose over all untied pairs) from the same ``kwise_rm_loss`` stats on both sides.
-TRL is imported inside the functions only (see ``learner.trl_bench``).
+TRL is imported inside the functions only (see ``bench.trl``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import torch
 from peft import LoraConfig
 from torch import Tensor
 
+from bench.kit.records import expand_pairs, synthetic_k4
+from bench.kit.stats import ratio_spread, spread_runs
 from learner.losses import kwise_rm_loss
 from learner.reward_model import (
     Encoded,
@@ -35,8 +38,6 @@ from learner.reward_model import (
     encode_comparison,
     train_reward_model,
 )
-from learner.rm_bench import expand_pairs, synthetic_k4
-from learner.trl_bench import summarize
 from rlhf.modeling import load_model
 
 log = logging.getLogger(__name__)
@@ -154,16 +155,6 @@ def run_trl(args: argparse.Namespace, model_dir: str, pairs: list[Encoded],
             "trainable_params": _trainable(net)}
 
 
-def _aggregate(runs: list[dict]) -> dict:
-    """Floats summarized over the repeats; counts (equal in every run) as they are."""
-    return {k: summarize([r[k] for r in runs]) if isinstance(v, float) else v
-            for k, v in runs[0].items()}
-
-
-def _speedup(ours: list[dict], theirs: list[dict], key: str) -> dict:
-    return summarize([t[key] / o[key] for o, t in zip(ours, theirs, strict=True)])
-
-
 def run(args: argparse.Namespace, model_dir: str) -> dict:
     """Phases: 1. data (shared, from ``--seed``), 2. alternate ours / TRL ``repeats`` times,
     repeat i training with seed ``--seed + i`` (init and shuffling) on both sides, 3. summary."""
@@ -181,10 +172,10 @@ def run(args: argparse.Namespace, model_dir: str) -> dict:
         theirs.append(run_trl(args, model_dir, pairs, test, args.batch * per_prompt, seed))
         if args.also_batch:
             extra.append(run_ours(args, model_dir, train, test, seed, args.also_batch))
-    mine, trl = _aggregate(ours), _aggregate(theirs)  # 3
+    mine, trl = spread_runs(ours), spread_runs(theirs)  # 3
     report = {"kwise_ours": mine, "pairwise_trl": trl,
-              "speedup_ours_over_trl": _speedup(ours, theirs, "seconds_per_epoch"),
-              "speedup_ours_over_trl_cpu_time": _speedup(ours, theirs, "cpu_seconds_per_epoch"),
+              "speedup_ours_over_trl": ratio_spread(theirs, ours, "seconds_per_epoch"),
+              "speedup_ours_over_trl_cpu_time": ratio_spread(theirs, ours, "cpu_seconds_per_epoch"),
               "heldout_accuracy_delta": round(mine["heldout_accuracy"]["median"]
                                               - trl["heldout_accuracy"]["median"], 4),
               "target": "seconds/epoch >= 2x fewer at equal or better held-out accuracy",
@@ -211,7 +202,7 @@ def run(args: argparse.Namespace, model_dir: str) -> dict:
                   "pairs drawn from up to 96 prompts (lower-variance steps)"]}
     if extra:
         report[f"kwise_ours_batch_{args.also_batch}"] = {
-            **_aggregate(extra),
-            "speedup_over_trl": _speedup(extra, theirs, "seconds_per_epoch"),
-            "speedup_over_trl_cpu_time": _speedup(extra, theirs, "cpu_seconds_per_epoch")}
+            **spread_runs(extra),
+            "speedup_over_trl": ratio_spread(theirs, extra, "seconds_per_epoch"),
+            "speedup_over_trl_cpu_time": ratio_spread(theirs, extra, "cpu_seconds_per_epoch")}
     return report

@@ -21,8 +21,8 @@ ranking UI, they submit through serving's UI service token (``--auth-token`` or
 ``--token-file``; `rlhf up` writes ``DATA_DIR/ui-token``), each naming itself
 (``sim-NN``); against a serving with no credentials configured no token is needed. Prints
 one JSON document (per adapter version: candidates seen, their mean utility under the
-preference and, on starter tasks, the share correct). ``rlhf bench feedback`` runs it as
-``python -m ui.simulate``.
+preference and, on starter tasks, the share correct). ``rlhf bench feedback`` calls
+``run`` in its own process.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.kit.stats import percentiles
 from rlhf.gold import gold_tasks
 from rlhf.preferences import EMPTY, PREFERENCES, Item, Preference, general_prompts, ranks
 from rlhf.preferences import get as get_preference
@@ -208,11 +209,6 @@ def labeler(n: int, args: argparse.Namespace, pacer: Pacer, tally: Tally) -> Non
         client.close()
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    v = sorted(values)
-    return round(1000 * v[min(len(v) - 1, int(q * len(v)))], 1) if v else None
-
-
 def _by_version(tally: Tally, tasks: bool) -> dict[str, dict]:
     out = {}
     for version, row in sorted(tally.versions.items()):
@@ -246,7 +242,7 @@ def run(args: argparse.Namespace) -> dict:
             "error_examples": tally.error_examples,
             "turns_per_s": round(tally.turns / wall, 2),
             "comparisons_per_s": round(tally.stored / wall, 2),
-            "turn_ms": {"p50": _pct(tally.turn_s, 0.5), "p95": _pct(tally.turn_s, 0.95)},
+            "turn_ms": percentiles(tally.turn_s, ("p50", "p95")),
             "adapter_versions": _by_version(tally, args.prompts == "starter")}
 
 
@@ -304,7 +300,7 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m ui.simulate") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m bench.simulate") -> int:
     """Run, print the JSON summary; exit 1 when not a single comparison was stored."""
     report = run(parse_args(argv, prog))
     sys.stdout.write(json.dumps(report) + "\n")

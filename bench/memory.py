@@ -1,4 +1,4 @@
-"""Learner memory bench: ``python -m learner.memory_bench`` prints JSON.
+"""Learner memory bench: ``rlhf bench memory`` prints JSON.
 
 The claim (docs/design.md §3): policy, reference, reward model and value function share ONE frozen
 base in memory (LoRA adapters + small heads on top), so an iteration's peak stays a small
@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import logging
-import random
 import sys
 import tempfile
 import time
@@ -37,17 +35,13 @@ from pathlib import Path
 import redis
 import torch
 
+from bench.kit.records import gold_styles
+from bench.kit.report import write_report
 from learner.config import LearnerConfig
-from learner.efficacy import label
 from learner.iteration import Learner, Progress
 from rlhf import comparisons, settings
-from rlhf.gold import gold_tasks
 from rlhf.local_redis import private_redis
 from rlhf.modeling import load_model, resolve_model_name
-from rlhf.preferences import Item
-from rlhf.preferences import get as get_preference
-from rlhf.starter_data import ANSWER_STYLES, render_answer
-from rlhf.v1 import feedback_pb2 as fb
 
 log = logging.getLogger(__name__)
 
@@ -143,15 +137,6 @@ class PeakMeter:
         self.by_phase = {k: self.start + v for k, v in by_phase.items() if k}
 
 
-def k4_records(n: int, seed: int) -> list[fb.Comparison]:
-    """K = 4 answers in the four styles to gold tasks, ranked by the gold preference."""
-    rng = random.Random(seed)
-    tasks = gold_tasks(n, seed)
-    answers = [[render_answer(t, style, rng) for style in ANSWER_STYLES] for t in tasks]
-    return label([Item(t.prompt, t) for t in tasks], answers, iteration=seed, labelers=5,
-                 seed=seed, version="base", preference=get_preference("gold"))
-
-
 def _persistent_extra(learner: Learner) -> int:
     tensors = [*learner.rm.trainable_parameters(), learner.rm.bias]
     if learner.ppo is not None:
@@ -185,7 +170,7 @@ def run(args: argparse.Namespace) -> dict:
         iterations = []
         try:
             for n in range(args.iterations):
-                comparisons.append_many(client, k4_records(args.comparisons, seed=n))
+                comparisons.append_many(client, gold_styles(args.comparisons, seed=n))
                 start = time.perf_counter()
                 with PeakMeter(learner.rm.device) as meter:
                     learner.run(Progress(id=f"mem-{n + 1}"))
@@ -213,7 +198,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m learner.memory_bench",
+    p = argparse.ArgumentParser(prog="rlhf bench memory",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--model", default="", help="a name of `rlhf models list`, a directory or "
                    "a hub id; default: the starter")
@@ -226,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    sys.stdout.write(json.dumps(run(args), indent=2) + "\n")
+    write_report(run(args))
     return 0
 
 

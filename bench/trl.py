@@ -1,11 +1,11 @@
 """Our trainers against TRL's, side by side in one process (issue #4): prints JSON.
 
     bash deploy/bench-env.sh                       # once: .venv-trl with trl==1.12.0
-    .venv-trl/bin/python -m learner.trl_bench rm   # K-wise RM vs TRL RewardTrainer on pairs
-    .venv-trl/bin/python -m learner.trl_bench ppo  # LoRA-PPO vs trl.experimental.ppo
+    .venv-trl/bin/python -m bench.trl rm   # K-wise RM vs TRL RewardTrainer on pairs
+    .venv-trl/bin/python -m bench.trl ppo  # LoRA-PPO vs trl.experimental.ppo
 
-TRL is not a dependency of the project: it is imported lazily, only by ``trl_rm_bench`` and
-``trl_ppo_bench`` and only inside their functions, so the main venv (and pytest collection)
+TRL is not a dependency of the project: it is imported lazily, only by ``bench.trl_rm`` and
+``bench.trl_ppo`` and only inside their functions, so the main venv (and pytest collection)
 never needs it. Both sides run in the same process, on the same model directory (the starter
 model by default), the same data, the same torch thread count, alternating ``--repeats``
 times with a fresh model for every run; medians over the repeats, wall-clock and CPU seconds
@@ -18,46 +18,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import json
 import logging
 import os
-import platform
-import statistics
 import sys
 import time
 from collections.abc import Sequence
 
 import torch
 
+from bench.kit.report import machine, write_report
+
 log = logging.getLogger(__name__)
 
 
-def machine(threads: int) -> dict:
-    """What the numbers were measured on (versions of both sides' libraries)."""
-    import peft
-    import transformers
-
-    info = {"cpu_count": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__,
-            "python": platform.python_version()}
-    try:
-        import trl
-
-        info["trl"] = trl.__version__
-    except ImportError:
-        info["trl"] = None
-    return info
-
-
-def summarize(values: Sequence[float]) -> dict:
-    """Median and spread of one metric over the repeats."""
-    vals = [float(v) for v in values]
-    return {"median": round(statistics.median(vals), 4), "min": round(min(vals), 4),
-            "max": round(max(vals), 4), "runs": [round(v, 4) for v in vals]}
-
-
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m learner.trl_bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.trl", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("which", choices=["rm", "ppo"])
     p.add_argument("--model", default="", help="a name of `rlhf models list`, a directory or "
@@ -88,9 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     missing = [m for m in ("trl", "datasets") if importlib.util.find_spec(m) is None]
     if missing:
-        sys.stderr.write(f"trl_bench: {', '.join(missing)} not installed here (not project "
+        sys.stderr.write(f"bench.trl: {', '.join(missing)} not installed here (not project "
                          "dependencies): run `bash deploy/bench-env.sh`, then "
-                         "`.venv-trl/bin/python -m learner.trl_bench ...`\n")
+                         "`.venv-trl/bin/python -m bench.trl ...`\n")
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -101,15 +76,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_dir = resolve_model_name(args.model)
     start = time.perf_counter()
     if args.which == "rm":
-        from learner.trl_rm_bench import run
+        from bench.trl_rm import run
     else:
-        from learner.trl_ppo_bench import run
+        from bench.trl_ppo import run
     with contextlib.redirect_stdout(sys.stderr):  # Trainer's log printer writes to stdout
         results = run(args, model_dir)
-    report = {"benchmark": args.which, "model": model_dir, "machine": machine(args.threads),
-              **results}
+    info = machine("torch", "transformers", "peft", "trl", torch_threads=args.threads)
+    report = {"benchmark": args.which, "model": model_dir, "machine": info, **results}
     report["elapsed_s"] = round(time.perf_counter() - start, 1)
-    sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    write_report(report)
     return 0
 
 

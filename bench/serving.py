@@ -12,8 +12,6 @@ import argparse
 import asyncio
 import logging
 import math
-import os
-import platform
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -21,10 +19,11 @@ from typing import Any
 
 import torch
 
+from bench.kit.children import serve_child
+from bench.kit.report import machine, write_report
+from bench.kit.stats import Sample, check_target, level_summary, percentiles
 from rlhf.modeling import LoadedModel, load_model, resolve_model_name
 from rlhf.starter_data import make_tasks
-from serving.benchkit import serve_child, write_report
-from serving.openai_load import Sample, dist
 
 log = logging.getLogger(__name__)
 
@@ -92,19 +91,6 @@ async def _level(gen: GenFn, tasks: list, concurrency: int, per_stream: int | No
     return samples, time.perf_counter() - start
 
 
-def _summary(samples: list[Sample], wall: float, concurrency: int) -> dict:
-    ok = [s for s in samples if s.error is None]
-    tokens = sum(s.tokens for s in ok)
-    errors = [s.error for s in samples if s.error is not None]
-    return {"concurrency": concurrency, "requests": len(samples), "errors": len(errors),
-            "error_examples": sorted(set(errors))[:3], "tokens": tokens,
-            "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
-            "mean_completion_tokens": round(tokens / max(1, len(ok)), 1),
-            "ttft_ms": dist([s.ttft for s in ok]),
-            "itl_ms": dist([x for s in ok for x in s.itl]),
-            "latency_ms": dist([s.latency for s in ok])}
-
-
 def _baseline(loaded: LoadedModel, tasks: list, max_new: int, min_new: int,
               count: int | None, seconds: float) -> dict:
     """Sequential HF generate, one request at a time (after one untimed warm-up)."""
@@ -132,7 +118,7 @@ def _baseline(loaded: LoadedModel, tasks: list, max_new: int, min_new: int,
     return {"requests": len(latencies), "tokens": tokens, "wall_s": round(wall, 3),
             "tokens_per_s": round(tokens / wall, 1),
             "mean_completion_tokens": round(tokens / len(latencies), 1),
-            "latency_ms": dist(latencies)}
+            "latency_ms": percentiles(latencies)}
 
 
 async def _run_levels(gen: GenFn, tasks: list, args: argparse.Namespace) -> list[dict]:
@@ -141,7 +127,7 @@ async def _run_levels(gen: GenFn, tasks: list, args: argparse.Namespace) -> list
     for c in args.concurrency:
         per_stream = math.ceil(args.requests_per_level / c) if args.requests_per_level else None
         samples, wall = await _level(gen, tasks, c, per_stream, args.seconds_per_level)
-        levels.append(_summary(samples, wall, c))
+        levels.append(level_summary(samples, wall, c))
         log.info("level %d: %s tok/s", c, levels[-1]["tokens_per_s"])
     return levels
 
@@ -192,14 +178,9 @@ async def _engine_levels(loaded: LoadedModel, tasks: list, args: argparse.Namesp
 
 
 def _info(loaded: LoadedModel, model_dir: str, threads: int) -> dict:
-    import grpc
-    import transformers
-
     p = next(loaded.model.parameters())
-    return {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                        "python": platform.python_version(), "torch": torch.__version__,
-                        "transformers": transformers.__version__, "grpcio": grpc.__version__,
-                        "torch_threads": threads, "device": str(p.device)},
+    return {"machine": machine("torch", "transformers", "grpcio", torch_threads=threads,
+                               device=str(p.device)),
             "model": {"name": loaded.name, "path": model_dir, "dtype": str(p.dtype),
                       "parameters": sum(x.numel() for x in loaded.model.parameters()),
                       "context_length": loaded.context_length}}
@@ -209,15 +190,12 @@ def _targets(levels: list[dict]) -> dict:
     by_c = {lv["concurrency"]: lv for lv in levels}
     speed = by_c.get(32, {}).get("speedup_vs_sequential")
     ttft = by_c.get(8, {}).get("ttft_ms", {}).get("p95")
-    return {"tokens_per_s_32_vs_sequential": {"target": 5.0, "got": speed,
-                                              "met": speed is not None and speed >= 5.0},
-            "ttft_p95_ms_at_8": {"target": 250, "got": ttft,
-                                 "met": ttft is not None and ttft <= 250}}
+    return {"tokens_per_s_32_vs_sequential": check_target(speed, 5.0, ">="),
+            "ttft_p95_ms_at_8": check_target(ttft, 250, "<=")}
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="rlhf bench", description=__doc__.splitlines()[0])
-    p.add_argument("suite", choices=["serving", "feedback", "hotswap"])
+    p = argparse.ArgumentParser(prog="rlhf bench serving", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="", help="model directory or hub id (default: starter)")
     p.add_argument("--concurrency", default="1,8,32",
                    type=lambda s: [int(x) for x in s.split(",") if x])
@@ -241,18 +219,6 @@ def _min_new(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["serving"] and any(a.split("=")[0] == "--against" for a in argv):
-        from serving.vllm_bench import main as against_main  # its own flags: --help
-
-        return against_main(argv[1:])
-    if argv[:1] == ["feedback"]:  # its own flags: rlhf bench feedback --help
-        from serving.feedback_bench import main as feedback_main
-
-        return feedback_main(argv[1:])
-    if argv[:1] == ["hotswap"]:  # its own flags: rlhf bench hotswap --help
-        from serving.hotswap_bench import main as hotswap_main
-
-        return hotswap_main(argv[1:])
     args = _parse(argv)
     torch.set_num_threads(args.threads)
     model_dir = resolve_model_name(args.model)
@@ -269,7 +235,7 @@ def main(argv: list[str]) -> int:
     for lv in levels:
         lv["speedup_vs_sequential"] = round(lv["tokens_per_s"] / baseline["tokens_per_s"], 2)
     report = {"benchmark": "serving", "mode": "in-process" if args.in_process else "grpc",
-              "config": {k: v for k, v in vars(args).items() if k not in ("suite", "out")},
+              "config": {k: v for k, v in vars(args).items() if k != "out"},
               **_info(loaded, model_dir, args.threads), "definitions": DEFINITIONS,
               "baseline_sequential": baseline, "levels": levels, "targets": _targets(levels)}
     write_report(report, args.out)

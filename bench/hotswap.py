@@ -22,12 +22,14 @@ import grpc
 import redis
 import torch
 
+from bench.kit.children import resolve_model, serve_child
+from bench.kit.report import run_and_report, server_flags
+from bench.kit.stats import check_target, percentiles
 from rlhf import adapter_store as store
+from rlhf.local_redis import private_redis
 from rlhf.modeling import load_model
 from rlhf.v1 import policy_pb2 as pb
 from rlhf.v1 import policy_pb2_grpc as pbg
-from serving.benchkit import serve_child, write_report
-from serving.feedback_bench import _pct, _redis, _resolve_model
 
 
 class _Publisher:
@@ -98,8 +100,9 @@ def _wait_live(stub: pbg.PolicyStub, version: str, since: float, limit: float = 
 
 
 def run(args: argparse.Namespace) -> dict:
-    model_dir = _resolve_model(args.model)
-    with _redis() as url, tempfile.TemporaryDirectory(prefix="rlhf-bench-store-") as tmp:
+    model_dir = resolve_model(args.model)
+    with (private_redis("rlhf-bench-redis-") as url,
+          tempfile.TemporaryDirectory(prefix="rlhf-bench-store-") as tmp):
         client = redis.Redis.from_url(url)
         publisher = _Publisher(model_dir, Path(tmp), client)
         publisher.publish()
@@ -127,24 +130,19 @@ def run(args: argparse.Namespace) -> dict:
                 t.join(120)
         client.close()
     steady_tps, swap_tps = load.rate(steady_start, steady), load.rate(swap_start, swap_end)
-    p95 = _pct(latencies, 0.95)  # milliseconds
+    live = percentiles(latencies, ("p50", "p95"))  # milliseconds
     dip = 1.0 - swap_tps / steady_tps if steady_tps else None
     return {"benchmark": "hotswap", "model": model_dir, "config": vars(args),
-            "publish_to_live_ms": {"p50": _pct(latencies, 0.5), "p95": p95,
-                                   "all": [round(x * 1000, 1) for x in latencies]},
+            "publish_to_live_ms": {**live, "all": [round(x * 1000, 1) for x in latencies]},
             "tokens_per_s": {"steady": round(steady_tps, 1), "during_swaps": round(swap_tps, 1),
                              "dip": None if dip is None else round(dip, 4)},
             "failed_requests": load.errors, "mixed_version_streams": load.mixed,
-            "targets": {"publish_to_live_p95_ms": {"target": 1000, "got": p95,
-                                                   "met": p95 is not None and p95 < 1000},
-                        "tokens_per_s_dip": {"target": 0.10, "got": dip,
-                                             "met": dip is not None and dip < 0.10}}}
+            "targets": {"publish_to_live_p95_ms": check_target(live["p95"], 1000, "<"),
+                        "tokens_per_s_dip": check_target(dip, 0.10, "<")}}
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="rlhf bench hotswap", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="", help="a name of `rlhf models list` (tiny = "
-                   "starter-tiny), a directory or a hub id; default: the starter")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--publishes", type=int, default=10)
@@ -152,12 +150,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steady-s", type=float, default=8.0)
     p.add_argument("--warmup-s", type=float, default=3.0)
     p.add_argument("--poll-s", type=float, default=0.5, help="server's --registry-poll-s")
-    p.add_argument("--threads", type=int, default=1, help="server torch threads")
-    p.add_argument("--out", help="also write the JSON here")
-    return p.parse_args(argv)
+    return server_flags(p).parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
-    args = _parse(argv)
-    write_report(run(args), args.out)
-    return 0
+    return run_and_report(run, _parse(argv))

@@ -4,7 +4,7 @@ Phases: (1) start `rlhf serve` and vLLM's OpenAI server (``.venv-vllm``, built b
 ``deploy/bench-env-vllm.sh``) one after the other on the same model directory, thread count
 and dtype; (2) warm both; (3) for every shape (fixed length, natural length, n=4) and
 concurrency, drive ours and then vLLM (the order alternates level by level, so slow drift
-of a shared machine hits both alike) with the same streaming client (serving/openai_load.py);
+of a shared machine hits both alike) with the same streaming client (bench/openai_load.py);
 (4) stop both and print one JSON document with each side's figures and ours / vLLM ratios.
 With ``--against none`` only our server runs (the CI smoke test uses that).
 """
@@ -15,57 +15,20 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
-import platform
-import socket
-import subprocess
 import sys
-import threading
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from bench.kit.children import ROOT, port_child
+from bench.kit.report import machine, write_report
+from bench.kit.stats import check_target
+from bench.openai_load import DEFINITIONS, Shape, ratios, run_level, wait_ready
 from rlhf.modeling import resolve_model_name
 from rlhf.starter_data import make_tasks
-from serving.benchkit import stop_process, write_report
-from serving.openai_load import DEFINITIONS, Shape, ratios, run_level, wait_ready
 
 log = logging.getLogger(__name__)
 
 PROMPT_SEED = 4242
-ROOT = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _drain(proc: subprocess.Popen, tail: list[str]) -> None:
-    """Keep the child's output moving (a full pipe would block it); keep its last lines."""
-    for line in proc.stdout or ():
-        tail.append(line)
-        del tail[:-40]
-
-
-@contextlib.contextmanager
-def _child(cmd: list[str], env: dict[str, str], name: str
-           ) -> Iterator[tuple[str, Callable[[], bool]]]:
-    port = _free_port()
-    cmd = [c.replace("{port}", str(port)) for c in cmd]
-    log.info("starting %s: %s", name, " ".join(cmd))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **env}, cwd=ROOT)
-    tail: list[str] = []
-    threading.Thread(target=_drain, args=(proc, tail), daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{port}", lambda: proc.poll() is None
-    except Exception:
-        sys.stderr.write(f"--- last output of {name} ---\n" + "".join(tail))
-        raise
-    finally:
-        stop_process(proc)
 
 
 def ours_cmd(model_dir: str, args: argparse.Namespace, root: str = ""
@@ -136,13 +99,10 @@ def _targets(levels: list[dict]) -> dict:
                 return v
         return None
 
-    def check(got: float | None, target: float, higher: bool) -> dict:
-        met = got is not None and (got >= target if higher else got <= target)
-        return {"target": target, "got": got, "met": met}
-
-    return {"tokens_per_s_ratio_fixed_32": check(get("fixed", 32, "tokens_per_s"), 1.0, True),
-            "tokens_per_s_ratio_fixed_1": check(get("fixed", 1, "tokens_per_s"), 0.9, True),
-            "ttft_p95_ratio_fixed_8": check(get("fixed", 8, "ttft_ms", "p95"), 1.0, False)}
+    return {
+        "tokens_per_s_ratio_fixed_32": check_target(get("fixed", 32, "tokens_per_s"), 1.0, ">="),
+        "tokens_per_s_ratio_fixed_1": check_target(get("fixed", 1, "tokens_per_s"), 0.9, ">="),
+        "ttft_p95_ratio_fixed_8": check_target(get("fixed", 8, "ttft_ms", "p95"), 1.0, "<=")}
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -200,7 +160,7 @@ async def _run(model_dir: str, args: argparse.Namespace) -> tuple[list[dict], di
         for name, make in plan:  # one at a time: startup is CPU-heavy
             cmd, env = make()
             commands[name] = " ".join(cmd)
-            base, alive = stack.enter_context(_child(cmd, env, name))
+            base, alive = stack.enter_context(port_child(cmd, env, name))
             model = await wait_ready(base, args.startup_timeout, alive)
             servers[name] = (base, model)
         if args.against == "vllm" and args.vllm_url:
@@ -216,8 +176,7 @@ def main(argv: list[str]) -> int:
     levels, commands = asyncio.run(_run(model_dir, args))
     report = {"benchmark": "serving-vs-vllm", "against": args.against,
               "config": {k: v for k, v in vars(args).items() if k not in ("out",)},
-              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                          "python": platform.python_version()},
+              "machine": machine(),
               "model": {"path": model_dir}, "commands": commands,
               "definitions": DEFINITIONS, "levels": levels, "targets": _targets(levels)}
     write_report(report, args.out)

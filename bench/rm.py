@@ -1,4 +1,4 @@
-"""Reward-model bench: ``python -m learner.rm_bench [--hh-limit N] ...`` prints JSON.
+"""Reward-model bench: ``rlhf bench rm [--hh-limit N] ...`` prints JSON.
 
 (a) Real human preferences: Anthropic HH-RLHF harmless-base test pairs (parsed with
     ``rlhf.data``; the texts are offensive by design and are never printed), split by line
@@ -14,26 +14,23 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import logging
-import random
 import sys
 import time
 from collections.abc import Sequence
 
 import torch
 
+from bench.kit.records import expand_pairs, synthetic_k4
+from bench.kit.report import write_report
 from learner.reward_model import RewardModel, RMConfig, evaluate_rm, train_reward_model
 from rlhf.data import Malformed, pair_record
 from rlhf.modeling import load_model, resolve_model_name
-from rlhf.starter_data import make_tasks, render_answer
 from rlhf.v1 import feedback_pb2 as fb
-from rlhf.v1 import policy_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 HH_PATH = "/work/shared/data/hh-rlhf-harmless-base-test.jsonl.gz"
-RUDE = ("Ugh, fine.", "Whatever.", "Stop bothering me.", "Figure it out yourself.")
 
 
 def hh_comparisons(path: str, limit: int) -> tuple[list[fb.Comparison], int]:
@@ -48,44 +45,6 @@ def hh_comparisons(path: str, limit: int) -> tuple[list[fb.Comparison], int]:
             except Malformed:
                 bad += 1
     return out, bad
-
-
-def synthetic_k4(n: int, seed: int) -> list[fb.Comparison]:
-    """K = 4 per starter task: polite correct (1) > terse correct (2) > a plain answer to
-    another task of the same kind (3, wrong) > that wrong answer with a rude opener (4)."""
-    rng = random.Random(seed)
-    tasks = make_tasks(2 * n, seed)
-    out = []
-    for i in range(n):
-        task, other = tasks[2 * i], tasks[2 * i + 1]
-        wrong = render_answer(other, "plain", rng)
-        ranked = [(render_answer(task, "polite", rng), 1), (render_answer(task, "terse", rng), 2),
-                  (wrong, 3), (f"{rng.choice(RUDE)} {wrong}", 4)]
-        rng.shuffle(ranked)
-        record = fb.Comparison(id=f"syn-{seed}-{i:06d}", labeler_id=f"sim-{i % 4}",
-                               messages=[pb.ChatMessage(role="user", content=task.prompt)])
-        for position, (text, rank) in enumerate(ranked):
-            record.candidates.add(text=text, rank=rank, position=position, adapter_version="base")
-        out.append(record)
-    return out
-
-
-def expand_pairs(comparisons: Sequence[fb.Comparison]) -> list[fb.Comparison]:
-    """Every untied pair of every comparison as its own K = 2 comparison (the pairwise form)."""
-    out = []
-    for c in comparisons:
-        cands = list(c.candidates)
-        for i, a in enumerate(cands):
-            for b in cands[i + 1:]:
-                if a.rank == b.rank:
-                    continue
-                win, lose = (a, b) if a.rank < b.rank else (b, a)
-                pair = fb.Comparison(id=f"{c.id}-{len(out):06d}", labeler_id=c.labeler_id,
-                                     messages=c.messages)
-                pair.candidates.add(text=win.text, rank=1, position=0)
-                pair.candidates.add(text=lose.text, rank=2, position=1)
-                out.append(pair)
-    return out
 
 
 def _fresh_rm(model_dir: str, cfg: RMConfig) -> tuple[RewardModel, object]:
@@ -138,7 +97,7 @@ def bench_kwise_vs_pairwise(args: argparse.Namespace, model_dir: str) -> dict:
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m learner.rm_bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="rlhf bench rm", description=__doc__)
     p.add_argument("--model", default="", help="a name of `rlhf models list`, a directory or "
                    "a hub id; default: the starter")
     p.add_argument("--hh-path", default=HH_PATH)
@@ -171,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "hh" not in args.skip:
         report["hh_rlhf_harmless"] = bench_hh(args, model_dir)
     report["elapsed_s"] = round(time.perf_counter() - start, 1)
-    sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    write_report(report)
     return 0
 
 

@@ -13,9 +13,11 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import httpx
+
+from bench.kit.stats import Sample, level_summary, percentiles
 
 DEFINITIONS = {
     "tokens_per_s": "sum of usage.completion_tokens of all finished requests (all n choices) "
@@ -38,26 +40,6 @@ class Shape:
     n: int
     max_tokens: int
     fixed: bool  # ignore EOS until max_tokens (min_tokens, and vLLM's ignore_eos)
-
-
-@dataclass
-class Sample:
-    ttft: float = math.nan
-    latency: float = math.nan
-    tokens: int = 0
-    itl: list[float] = field(default_factory=list)
-    tpot: float = math.nan
-    error: str | None = None
-
-
-def dist(values: list[float]) -> dict[str, float | None]:
-    """p50/p90/p95/p99 in ms (values in seconds), linear interpolation; None when empty."""
-    v, out = sorted(x for x in values if not math.isnan(x)), {}
-    for name, q in (("p50", 0.5), ("p90", 0.9), ("p95", 0.95), ("p99", 0.99)):
-        pos = (len(v) - 1) * q
-        lo, hi = math.floor(pos), math.ceil(pos)
-        out[name] = round(1000 * (v[lo] + (v[hi] - v[lo]) * (pos - lo)), 2) if v else None
-    return out
 
 
 def request_body(model: str, prompt: str, shape: Shape, seed: int) -> dict:
@@ -127,15 +109,9 @@ async def run_level(base_url: str, model: str, prompts: list[str], shape: Shape,
 
 def summarize(samples: list[Sample], wall: float, concurrency: int, shape: Shape) -> dict:
     ok = [s for s in samples if s.error is None]
-    tokens = sum(s.tokens for s in ok)
-    errors = [s.error for s in samples if s.error is not None]
-    return {"shape": shape.name, "n": shape.n, "concurrency": concurrency,
-            "requests": len(samples), "errors": len(errors),
-            "error_examples": sorted(set(errors))[:3], "tokens": tokens,
-            "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
-            "mean_completion_tokens": round(tokens / max(1, len(ok)) / shape.n, 1),
-            "ttft_ms": dist([s.ttft for s in ok]), "itl_ms": dist([x for s in ok for x in s.itl]),
-            "tpot_ms": dist([s.tpot for s in ok]), "latency_ms": dist([s.latency for s in ok])}
+    return {"shape": shape.name, "n": shape.n,
+            **level_summary(samples, wall, concurrency, choices=shape.n),
+            "tpot_ms": percentiles([s.tpot for s in ok])}
 
 
 def ratios(ours: dict, theirs: dict) -> dict:

@@ -1,7 +1,7 @@
 """Data-parallel smoke check: the RM phase and PPO steps under ``torchrun`` (gloo or NCCL).
 
-    torchrun --standalone --nproc_per_node=2 -m learner.ddp_check --model DIR --out DIR
-    python -m learner.ddp_check --model DIR --out DIR     # the single-process reference
+    torchrun --standalone --nproc_per_node=2 -m bench.ddp_check --model DIR --out DIR
+    python -m bench.ddp_check --model DIR --out DIR     # the single-process reference
 
 Phases, each ending in a snapshot ``OUT/rank{r}_{name}.pt`` of every trained tensor (the rm and
 policy LoRA, RM head and bias, value head) plus metrics:
@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from bench.kit.records import tied_k4
 from learner import distributed as dd
 from learner.ppo import (
     POLICY,
@@ -44,25 +45,8 @@ from learner.ppo import (
 from learner.reward_model import ADAPTER, RewardModel, RMConfig, fit_reward_model
 from rlhf.modeling import load_model
 from rlhf.starter_data import make_tasks, pretraining_corpus, render_answer
-from rlhf.v1 import feedback_pb2 as fb
-from rlhf.v1 import policy_pb2 as pb
 
 log = logging.getLogger(__name__)
-
-
-def comparisons(n: int, seed: int) -> list[fb.Comparison]:
-    """K = 4 with a tie (polite = plain > terse > verbose) from 3 labelers, deterministic."""
-    rng, out = random.Random(seed), []
-    for i, task in enumerate(make_tasks(n, seed)):
-        record = fb.Comparison(id=f"cmp-ddp-{i:05d}", labeler_id=f"labeler-{i % 3}",
-                               messages=[pb.ChatMessage(role="user", content=task.prompt)])
-        ranked = [("polite", 1), ("plain", 1), ("terse", 3), ("verbose", 4)]
-        rng.shuffle(ranked)
-        for position, (style, rank) in enumerate(ranked):
-            record.candidates.add(text=render_answer(task, style, rng), rank=rank,
-                                  position=position, adapter_version="base")
-        out.append(record)
-    return out
 
 
 def snapshot(rm: RewardModel, ppo: PPOState | None) -> dict[str, torch.Tensor]:
@@ -97,7 +81,7 @@ def run(model_dir: str, out: Path) -> dict:
     rm = RewardModel(loaded.model, rm_cfg)
     save("init", None, {"world": world})
 
-    data = comparisons(20, seed=3)  # 2
+    data = tied_k4(20, seed=3)  # 2
     reference = [([{"role": "user", "content": t.prompt}], render_answer(t, "plain",
                                                                           random.Random(i)))
                  for i, t in enumerate(make_tasks(7, seed=4))]
