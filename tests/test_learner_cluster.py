@@ -46,13 +46,13 @@ TINY = {**SMALL, "ppo_minibatch_size": SMALL["ppo_batch_size"], "ppo_rollout_gro
 class Cluster:
     """One `rlhf learn --nproc 2` (torchrun and its two ranks); stderr to a log file."""
 
-    def __init__(self, env: dict) -> None:
+    def __init__(self, env: dict, timeout_s: float = 1800.0) -> None:
         flags = [(f"--{k}={v}" if not isinstance(v, bool) else f"--{'' if v else 'no-'}{k}"
                   ).replace("_", "-") for k, v in TINY.items()]
         cmd = [sys.executable, "-m", "rlhf.cli", "learn", "--nproc", "2", "--model",
                env["model"], "--device", "cpu", "--threads", "1", "--port", "0", "--consumer",
                "cluster-learner", "--data-dir", env["data"], "--adapter-store", env["store"],
-               "--dist-heartbeat-s", "1", *flags]
+               "--dist-heartbeat-s", "1", "--dist-timeout-s", str(timeout_s), *flags]
         child_env = {**os.environ, "RLHF_LEARN_REDIS_URL": env["url"], "OMP_NUM_THREADS": "1",
                      PAUSE_ENV: env["pause_file"]}
         self.log = Path(env["root"]) / f"cluster-{time.monotonic_ns()}.log"
@@ -110,6 +110,9 @@ class Cluster:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         return self.proc.returncode
+
+
+IDLE_TIMEOUT_S = 12.0  # the second start's collective timeout (heartbeat every second)
 
 
 def _alive(pid: int) -> bool:
@@ -214,10 +217,12 @@ def test_a_dead_rank_stops_the_learner_and_the_next_start_recovers(env):
     assert adapter_store.list_versions(client) == ["v1"]  # nothing published
     assert_store_complete(env)
 
-    cluster = env["cluster"] = Cluster(env)
+    cluster = env["cluster"] = Cluster(env, timeout_s=IDLE_TIMEOUT_S)
     assert cluster.event["resumed_from"] == "v1"
     record = cluster.http.get(f"/v1/iterations/{killed}").json()
     assert record["status"] in ("interrupted", "failed") and record["phase"] == "ppo"
+    time.sleep(IDLE_TIMEOUT_S + 4)  # idle past the collective timeout: the heartbeat holds
+    assert cluster.proc.poll() is None, cluster.tail()
     done = cluster.wait_done(cluster.trigger())
     assert done["version"] == "v2" and done["metrics"]["data/comparisons"] == 15
     assert adapter_store.verify(env["store"], "v2", env["model"]).parent == "v1"
