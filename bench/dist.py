@@ -128,6 +128,7 @@ def run(args: argparse.Namespace) -> dict:
                 (Path(tmp) / str(procs)).mkdir()
                 runs.append(one_run(args.model, procs, server.db_url(db), Path(tmp) / str(procs),
                                     settings))
+            agreement = compare(runs[0], runs[1])  # before the stores are removed
         finally:
             server.stop()
     return {"model": args.model or "starter", "threads_per_process": 1,
@@ -139,7 +140,7 @@ def run(args: argparse.Namespace) -> dict:
             # on a loaded machine: what N free cores would give
             "cpu_bound_speedup": max(runs[0]["cpu_s_per_rank"])
             / max(runs[1]["cpu_s_per_rank"]),
-            **compare(runs[0], runs[1])}
+            **agreement}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
