@@ -108,6 +108,7 @@ class Runner:
                 "new_comparisons": self.new_comparisons(),
                 "current_adapter": adapter_store.current(self.learner.client),
                 "base_model": self.learner.loaded.name,
+                "processes": self.learner.cluster.world,  # ranks of a torchrun learner
                 "last_iteration": history[-1] if history else None}
 
     def dashboard(self, board: Dashboard, limit: int) -> dict[str, Any]:

@@ -151,6 +151,7 @@ def test_two_processes_publish_what_one_process_publishes(env, redis_server, tmp
     submit(env["client"], 0, 9)
     cluster = env["cluster"] = Cluster(env)
     assert len(set(cluster.pids)) == 2 and cluster.event["resumed_from"] is None
+    assert cluster.http.get("/v1/status").json()["processes"] == 2
     iteration = cluster.trigger()
 
     # The same data through one in-process learner while the cluster trains.
