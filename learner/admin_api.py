@@ -3,7 +3,8 @@
 - ``POST /v1/iterations``      start one (409 while one runs) -> {"id": ...}
 - ``GET  /v1/iterations/{id}`` phase, progress, metrics of one
 - ``GET  /v1/iterations``      history (finished ones from Redis, plus the running one)
-- ``GET  /v1/status``          running?, dataset size, current adapter, last iteration
+- ``GET  /v1/status``          running?, dataset size, current adapter, last iteration,
+                               process count (torchrun ranks)
 - ``GET  /v1/dashboard``       what the operator dashboard shows (learner.dashboard): metrics
                                per iteration, queue depth, comparisons per labeler, adapter
                                versions; 503 while Redis is unreachable
