@@ -58,7 +58,7 @@ from learner.ppo import score as ppo_score
 from learner.records import HISTORY, PHASES, RECORDS, SEQ, Progress, pause_for_tests
 from learner.reward_model import RewardModel, fit_reward_model, split_by_labeler
 from learner.samples import reference_samples, rm_scores
-from rlhf import adapter_store, settings
+from rlhf import adapter_store, settings, tasks
 from rlhf.modeling import LoadedModel
 from rlhf.starter_data import pretraining_corpus
 from rlhf.v1.feedback_pb2 import Comparison, Demonstration
@@ -241,7 +241,8 @@ class Learner:
 
             progress.metrics.update(fit_reward_model(self.rm, self.loaded.tokenizer,
                                                      work.comparisons, self.rm_cfg, reference,
-                                                     on_step=on_step))
+                                                     on_step=on_step,
+                                                     golden=tasks.golden_map(self.client)))
 
     # 3 ------------------------------------------------------------------------------------
     def train_policy(self, work: Work, progress: Progress) -> None:

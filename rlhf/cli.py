@@ -100,6 +100,12 @@ def _data(argv: Sequence[str]) -> int:
     return main(list(argv))
 
 
+def _tasks(argv: Sequence[str]) -> int:
+    from rlhf.tasks_cli import main
+
+    return main(list(argv))
+
+
 def _adapters(argv: Sequence[str]) -> int:
     from rlhf.adapters_cli import main
 
@@ -163,6 +169,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "starter-model": (_starter, "build (or reuse) the built-in starter model; prints its path"),
     "codegen": (_codegen, "regenerate the Python stubs of proto/"),
     "data": (_data, "export/import comparisons (chosen/rejected pairs) and demonstrations"),
+    "tasks": (_tasks, "queue prompts for labelers (rlhf tasks load FILE | status)"),
     "models": (_models, "named base models: list, pull (fetch + convert once, cached)"),
     "adapters": (_adapters, "list, show, promote or roll back adapter versions (registry)"),
     "learn": (_learn, "run the learner (RM + PPO iterations) with its admin HTTP API"),
