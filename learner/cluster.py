@@ -17,7 +17,9 @@ process group learner/distributed.py joins):
 - ``stop``   the leader is shutting down
 
 Which phases every rank runs is ``SHARED`` below (a phase that trains on the data set data-
-parallel belongs there; one line for a new one); the others run on the leader alone while the
+parallel belongs there; one line for a new one). A shared phase reads only ``Work``, the
+model and the config: whatever it needs from Redis or the data dir, a leader-only phase
+(drain) puts on ``Work`` (the followers have neither). The others run on the leader alone while the
 followers wait (drain, publish, record, and evaluate: a few prompts, sampled as one process
 samples them, so the metrics do not depend on the number of processes). The order of the
 phases is the leader's: a follower runs what it is sent.

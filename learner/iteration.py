@@ -77,6 +77,7 @@ class Work:
     # the SFT set (learner.demonstrations) and how many of it arrived in this drain
     demonstrations: list[Demonstration] = field(default_factory=list)
     new_demonstrations: int = 0
+    golden: dict[str, tasks.Golden] = field(default_factory=dict)  # golden task answers
     prompts: list[str] = field(default_factory=list)
     eval_prompts: list[str] = field(default_factory=list)
     ptx_eval: list[str] = field(default_factory=list)
@@ -210,6 +211,7 @@ class Learner:
         work.demonstrations = sft_demonstrations(self.demonstration_dataset.load_all(),
                                                  work.comparisons)
         work.new_demonstrations = count_new(work.demonstrations, old_demos, old_comparisons)
+        work.golden = tasks.golden_map(self.client)  # on Work: the RM phase runs on every rank
         progress.metrics.update({"data/new": result.stored, "data/duplicates": result.duplicates,
                                  "data/malformed": result.malformed,
                                  "data/comparisons": len(work.comparisons),
@@ -242,7 +244,7 @@ class Learner:
             progress.metrics.update(fit_reward_model(self.rm, self.loaded.tokenizer,
                                                      work.comparisons, self.rm_cfg, reference,
                                                      on_step=on_step,
-                                                     golden=tasks.golden_map(self.client)))
+                                                     golden=work.golden))
 
     # 3 ------------------------------------------------------------------------------------
     def train_policy(self, work: Work, progress: Progress) -> None:
