@@ -3,7 +3,8 @@
 - ``POST /v1/iterations``      start one (409 while one runs) -> {"id": ...}
 - ``GET  /v1/iterations/{id}`` phase, progress, metrics of one
 - ``GET  /v1/iterations``      history (finished ones from Redis, plus the running one)
-- ``GET  /v1/status``          running?, dataset size, current adapter, last iteration
+- ``GET  /v1/status``          running?, dataset size, current adapter, last iteration,
+                               process count (torchrun ranks)
 - ``GET  /v1/dashboard``       what the operator dashboard shows (learner.dashboard): metrics
                                per iteration, queue depth, comparisons per labeler, adapter
                                versions; 503 while Redis is unreachable
@@ -110,6 +111,7 @@ class Runner:
                 "new_comparisons": self.new_comparisons(),
                 "current_adapter": adapter_store.current(self.learner.client),
                 "base_model": self.learner.loaded.name,
+                "processes": self.learner.cluster.world,  # ranks of a torchrun learner
                 "last_iteration": history[-1] if history else None}
 
     def dashboard(self, board: Dashboard, limit: int) -> dict[str, Any]:

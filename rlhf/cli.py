@@ -10,8 +10,9 @@ from collections.abc import Callable, Sequence
 
 
 def _logging(verbose: bool) -> None:
+    rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s {rank}%(name)s: %(message)s")
 
 
 def _config(argv: Sequence[str], cls: type, prog: str, what: str, prefix: str):
@@ -125,6 +126,12 @@ def _learn(argv: Sequence[str]) -> int:
     config = _config(argv, LearnerConfig, "rlhf learn",
                      "Run the learner: iterations on demand via its admin API.", ENV_PREFIX)
     _resolve_model("rlhf learn", config.model)
+    if config.nproc > 1 and "WORLD_SIZE" not in os.environ:  # become torchrun's agent
+        from learner.main import torchrun_argv
+
+        cmd = torchrun_argv(config.nproc, argv)
+        sys.stdout.flush()
+        os.execv(cmd[0], cmd)
     return run(config)
 
 

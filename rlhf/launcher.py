@@ -226,8 +226,8 @@ class Launcher:
                  "RLHF_SERVE_UI_TOKEN": self.ui_token})
         self.start("learn", rlhf_cmd(
             "learn", "--model", c.model, "--host", c.host, "--port", str(c.learner_port),
-            "--data-dir", str(self.data / "learner"), "--adapter-store", store, *common,
-            *self.extras["learn"]),
+            "--data-dir", str(self.data / "learner"), "--adapter-store", store,
+            "--nproc", str(c.learner_procs), *common, *self.extras["learn"]),
             env={"RLHF_LEARN_REDIS_URL": redis_url,
                  "RLHF_LEARN_ADMIN_TOKEN": self.operator_token})
         self.wait_for("serve", lambda: self.event("serve", "ready"), c.ready_timeout_s)
