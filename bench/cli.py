@@ -19,6 +19,8 @@ SUITES: dict[str, tuple[str, str]] = {
     "efficacy": ("bench.efficacy", "hidden preferences learned through real iterations "
                  "(win-rate curves, PNG)"),
     "rm": ("bench.rm", "K-wise vs pairwise RM training; held-out HH-RLHF accuracy"),
+    "dist": ("bench.dist", "one iteration of `rlhf learn` with 1 vs N processes (wall, CPU, "
+             "agreement)"),
     "memory": ("bench.memory", "peak tensor memory of an iteration over the base weights"),
     "trl": ("bench.trl", "our RM / PPO vs TRL's (in .venv-trl: deploy/bench-env.sh)"),
 }

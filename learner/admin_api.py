@@ -3,13 +3,16 @@
 - ``POST /v1/iterations``      start one (409 while one runs) -> {"id": ...}
 - ``GET  /v1/iterations/{id}`` phase, progress, metrics of one
 - ``GET  /v1/iterations``      history (finished ones from Redis, plus the running one)
-- ``GET  /v1/status``          running?, dataset size, current adapter, last iteration
+- ``GET  /v1/status``          running?, dataset size, current adapter, last iteration,
+                               process count (torchrun ranks)
 - ``GET  /v1/dashboard``       what the operator dashboard shows (learner.dashboard): metrics
                                per iteration, queue depth, comparisons per labeler, adapter
                                versions; 503 while Redis is unreachable
 - ``GET  /v1/adapters``        registered versions and the current one
 - ``GET  /v1/adapters/{v}``    one version's manifest
 - ``POST /v1/adapters/{v}/promote`` (or ``/rollback``)  make it current on every replica
+- ``POST /v1/tasks``           queue a JSONL body of tasks for labelers (rlhf.tasks, as
+                               `rlhf tasks load`; all or nothing, 400 naming line and field)
 
 Iterations run in one worker thread (``Runner``), so the API answers while one trains.
 With a token configured every route wants ``Authorization: Bearer <token>`` (else 401),
@@ -31,10 +34,10 @@ from typing import Any
 import redis
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 
-from learner.admin_errors import CONFLICT, NOT_FOUND, install_errors_and_openapi
+from learner.admin_errors import CONFLICT, NOT_FOUND, ErrorBody, install_errors_and_openapi
 from learner.dashboard import Dashboard
 from learner.iteration import Learner, Progress
-from rlhf import adapter_store
+from rlhf import adapter_store, tasks
 from rlhf.auth import bearer_matches
 from rlhf.comparisons import STREAM
 
@@ -108,6 +111,7 @@ class Runner:
                 "new_comparisons": self.new_comparisons(),
                 "current_adapter": adapter_store.current(self.learner.client),
                 "base_model": self.learner.loaded.name,
+                "processes": self.learner.cluster.world,  # ranks of a torchrun learner
                 "last_iteration": history[-1] if history else None}
 
     def dashboard(self, board: Dashboard, limit: int) -> dict[str, Any]:
@@ -172,6 +176,21 @@ def create_app(runner: Runner, admin_token: str = "") -> FastAPI:
             return runner.dashboard(board, limit)
         except redis.RedisError as exc:
             raise HTTPException(503, f"Redis is unreachable: {exc}") from None
+
+    @app.post("/v1/tasks", responses={400: {"model": ErrorBody, "description": "a bad task "
+                                            "or an id queued already: nothing was loaded"}})
+    async def load_tasks(request: Request, overlap_share: float = Query(0.1, ge=0, le=1),
+                         overlap_labelers: int = Query(2, ge=2, le=9)) -> dict[str, Any]:
+        try:
+            text = (await request.body()).decode("utf-8")
+            queued = tasks.parse_lines(text.splitlines(), overlap_share, overlap_labelers)
+            loaded = tasks.load(runner.learner.client, queued)
+        except UnicodeDecodeError:
+            raise HTTPException(400, "the body must be UTF-8 JSONL, one task a line") from None
+        except tasks.TaskError as exc:
+            raise HTTPException(400, f"{exc}; nothing was loaded") from None
+        return {"loaded": loaded, "golden": sum(t.is_golden for t in queued),
+                "overlapped": sum(t.wanted > 1 for t in queued)}
 
     _adapter_routes(app, runner.learner)
     return app

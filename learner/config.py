@@ -56,6 +56,13 @@ class LearnerConfig:
     ptx_eval_texts: int = _f(16, "pretraining texts for the ptx loss before/after PPO")
     seed: int = _f(0, "seed of splits, sampling and shuffling")
 
+    nproc: int = _f(1, "processes on this machine: > 1 starts `torchrun --nproc_per_node` "
+                    "with these flags (ONE learner: rank 0 serves the API, all ranks train)")
+    dist_timeout_s: float = _f(1800.0, "seconds a collective of a multi-process learner "
+                               "waits for the other ranks before it fails")
+    dist_heartbeat_s: float = _f(30.0, "seconds between rank 0's heartbeats to idle ranks "
+                                 "(keeps their wait under dist_timeout_s)")
+
     ppo_steps: int = _f(10, "PPO steps (each ppo_batch_size episodes) per iteration")
     sft: SFTConfig = nested(SFTConfig, "supervised fine-tuning on demonstrations (--sft-*); "
                             "the adapter has the RM's LoRA layout (--rm-lora-rank)",
@@ -70,6 +77,8 @@ class LearnerConfig:
             problems.append("prompts_per_iteration, eval_prompts and ppo_steps must be >= 1")
         if self.auto_trigger_after < 0 or not self.auto_poll_s > 0:
             problems.append("auto_trigger_after >= 0 and auto_poll_s > 0 required")
+        if self.nproc < 1 or not 0 < self.dist_heartbeat_s < self.dist_timeout_s:
+            problems.append("nproc >= 1 and 0 < dist_heartbeat_s < dist_timeout_s required")
         if self.ptx_eval_texts < 1:
             problems.append("ptx_eval_texts must be >= 1")
         if problems:

@@ -10,6 +10,10 @@
   no disk read per poll). ``demonstrations_submitted`` / ``demonstrations_learned`` are the
   same for the demonstrations stream and dataset (stored demonstrations; a comparison's
   ideal answer counts with its comparison).
+- ``labeler_quality``: rlhf.labelers' report over every ranking in the comparisons stream
+  (fed by the same incremental read) with the task queue's golden answers: agreement on
+  overlapped tasks, golden accuracy, median time per ranking, flag rate, per labeler and
+  overall.
 - ``iterations``: the history (finished ones plus the running one) with the metrics the
   curves plot; a key an iteration did not log (e.g. a gold win rate outside simulations) is
   simply absent.
@@ -19,6 +23,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter
@@ -28,8 +33,9 @@ from typing import Any
 import redis
 
 from learner.dataset import ComparisonDataset, DemonstrationDataset
-from rlhf import adapter_store
-from rlhf.comparisons import DEMONSTRATIONS, GROUP, STREAM
+from rlhf import adapter_store, tasks
+from rlhf.comparisons import DEMONSTRATIONS, GROUP, STREAM, decode_entry
+from rlhf.labelers import LabelerStats
 
 # The per-iteration curves (docs/design.md §3 "log per iteration"), plus every key naming a gold
 # (simulated-labeler) metric.
@@ -95,20 +101,34 @@ class StreamTally:
         self.stream, self.page = stream, page
         self.last = "0-0"  # id of the last entry counted
         self.counts: Counter[str] = Counter()
+        self.stats = self._fresh_stats()  # the comparisons themselves, for labeler_quality
         self._lock = threading.Lock()
+
+    def _fresh_stats(self) -> LabelerStats | None:
+        return LabelerStats() if self.stream == STREAM else None
 
     def update(self, client: redis.Redis) -> dict[str, int]:
         with self._lock:
             if int(client.xlen(self.stream)) < sum(self.counts.values()):
                 self.last, self.counts = "0-0", Counter()  # stream deleted and refilled
+                self.stats = self._fresh_stats()
             while True:
                 batch = client.xrange(self.stream, min="(" + self.last, max="+",
                                       count=self.page)
                 for entry_id, fields in batch:
                     self.counts[_text(fields.get(b"labeler_id")) or "?"] += 1
                     self.last = entry_id.decode()
+                    if self.stats is not None:
+                        # a damaged entry is the learner's to dead-letter, not ours to count
+                        with contextlib.suppress(Exception):
+                            self.stats.add(decode_entry(fields))
                 if len(batch) < self.page:
                     return dict(self.counts)
+
+    def report(self, golden: Mapping[str, Any]) -> dict[str, Any]:
+        """rlhf.labelers' report over the comparisons counted so far."""
+        with self._lock:
+            return (self.stats or LabelerStats()).report(golden)
 
 
 def labeler_rows(submitted: Mapping[str, int], learned: Mapping[str, int],
@@ -166,4 +186,5 @@ class Dashboard:
                     self.submitted.update(self.client), self.dataset.labeler_counts(),
                     self.demos_submitted.update(self.client),
                     self.demonstrations.labeler_counts() if self.demonstrations else {}),
-                "adapters": adapters}
+                "adapters": adapters,
+                "labeler_quality": self.submitted.report(tasks.golden_map(self.client))}

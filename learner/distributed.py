@@ -43,13 +43,14 @@ T = TypeVar("T")
 SEED_STRIDE = 1_000_003  # rank r samples with seed + r * SEED_STRIDE: rank 0 keeps the seed
 
 
-def init_from_env(timeout_s: float | None = None) -> torch.device:
+def init_from_env(timeout_s: float | None = None, cuda: bool | None = None) -> torch.device:
     """Join the process group ``torchrun`` describes (RANK, WORLD_SIZE, MASTER_ADDR/PORT in
     the environment) when WORLD_SIZE > 1; NCCL and ``cuda:LOCAL_RANK`` when CUDA is
-    available, else gloo on CPU. Returns the device this rank should put its model on.
-    ``timeout_s``: how long a collective waits for the other ranks (None: torch's default)."""
+    available (or ``cuda`` says so), else gloo on CPU. Returns the device this rank should
+    put its model on. ``timeout_s``: how long a collective waits for the other ranks (None:
+    torch's default)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() if cuda is None else cuda
     device = torch.device("cpu")
     if cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -180,6 +181,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj if rank() == src else None]
     dist.broadcast_object_list(box, src=src, device=_comm_device())
     return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` with world size 1)."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 @torch.no_grad()

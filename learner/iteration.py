@@ -46,6 +46,7 @@ import torch
 from tqdm import tqdm
 
 from learner import checkpoint, records
+from learner.cluster import Cluster
 from learner.config import LearnerConfig
 from learner.dataset import ComparisonDataset, DemonstrationDataset
 from learner.demonstrations import count_new, sft_demonstrations
@@ -67,7 +68,7 @@ from learner.reward_model import ADAPTER as RM_ADAPTER
 from learner.reward_model import RewardModel, fit_reward_model, split_by_labeler
 from learner.samples import reference_samples, rm_scores
 from learner.sft import SFT
-from rlhf import adapter_store, settings
+from rlhf import adapter_store, settings, tasks
 from rlhf.modeling import LoadedModel
 from rlhf.starter_data import pretraining_corpus
 from rlhf.v1.feedback_pb2 import Comparison, Demonstration
@@ -87,6 +88,7 @@ class Work:
     # the SFT set (learner.demonstrations) and how many of it arrived in this drain
     demonstrations: list[Demonstration] = field(default_factory=list)
     new_demonstrations: int = 0
+    golden: dict[str, tasks.Golden] = field(default_factory=dict)  # golden task answers
     prompts: list[str] = field(default_factory=list)
     eval_prompts: list[str] = field(default_factory=list)
     ptx_eval: list[str] = field(default_factory=list)
@@ -117,16 +119,19 @@ class Learner:
     iteration at a time, which ``admin_api.Runner`` guarantees)."""
 
     def __init__(self, cfg: LearnerConfig, loaded: LoadedModel,
-                 client: redis.Redis | None = None) -> None:
+                 client: redis.Redis | None = None, cluster: Cluster | None = None) -> None:
         self.cfg, self.loaded = cfg, loaded
         self.rm_cfg, self.ppo_cfg = cfg.rm, cfg.ppo
-        self.client = client or redis.Redis.from_url(cfg.redis_url, socket_connect_timeout=5.0)
+        self.cluster = cluster or Cluster()  # ranks > 0 of torchrun: no Redis, no data dir
         self.data_dir = Path(cfg.data_dir)
-        self.dataset = ComparisonDataset(self.data_dir / "comparisons")
-        self.demonstration_dataset = DemonstrationDataset(self.data_dir / "demonstrations")
         self.name = cfg.consumer or f"learner-{socket.gethostname()}"
-        self.intake = Intake(cfg.redis_url, self.dataset, self.name,
-                             demonstrations=self.demonstration_dataset)
+        if self.cluster.is_leader:
+            self.client = client or redis.Redis.from_url(cfg.redis_url,
+                                                         socket_connect_timeout=5.0)
+            self.dataset = ComparisonDataset(self.data_dir / "comparisons")
+            self.demonstration_dataset = DemonstrationDataset(self.data_dir / "demonstrations")
+            self.intake = Intake(cfg.redis_url, self.dataset, self.name,
+                                 demonstrations=self.demonstration_dataset)
         torch.manual_seed(cfg.seed)
         self.rm = RewardModel(loaded.model, self.rm_cfg)  # the one base, wrapped once
         # Retraining "on all data" starts from the same init each time (not from last time).
@@ -145,16 +150,23 @@ class Learner:
 
     def _recover(self) -> None:
         """Startup: mark killed iterations, sweep what a kill left, continue the policy from
-        the newest checkpoint (a fresh data dir starts from the base)."""
-        interrupted = records.mark_interrupted(self.client, self.data_dir / "iterations",
-                                               self.name)
-        swept = checkpoint.sweep_leftovers(self.data_dir, CHECKPOINT, self.cfg.adapter_store,
-                                           set(adapter_store.list_versions(self.client)))
-        if interrupted or swept:
-            log.warning("recovered from a restart: interrupted %s, removed leftovers %s",
-                        interrupted, swept)
-        restored = checkpoint.load_latest(self.data_dir / CHECKPOINT, self.loaded.name,
-                                          self.rm.device)
+        the newest checkpoint (a fresh data dir starts from the base); the other ranks of
+        a cluster get rank 0's checkpoint from it."""
+        restored = None
+        if self.cluster.is_leader:
+            interrupted = records.mark_interrupted(self.client, self.data_dir / "iterations",
+                                                   self.name)
+            swept = checkpoint.sweep_leftovers(self.data_dir, CHECKPOINT,
+                                               self.cfg.adapter_store,
+                                               set(adapter_store.list_versions(self.client)))
+            if interrupted or swept:
+                log.warning("recovered from a restart: interrupted %s, removed leftovers %s",
+                            interrupted, swept)
+            restored = checkpoint.load_latest(self.data_dir / CHECKPOINT, self.loaded.name,
+                                              "cpu" if self.cluster.distributed
+                                              else self.rm.device)
+        if self.cluster.distributed:
+            restored = self.cluster.share(restored)
         if restored is None:
             log.info("no checkpoint in %s: the policy starts from the base", self.data_dir)
             return
@@ -167,7 +179,8 @@ class Learner:
         else:  # SFT reset the policy (`rlhf sft`): the step counter goes on from here
             self._ppo_steps = info.ppo_step
         self.parent = info.version
-        self._ensure_registered(info.version)
+        if self.cluster.is_leader:
+            self._ensure_registered(info.version)
         log.info("resumed the policy published as %s (reference %s, ppo step %d)",
                  info.version, info.reference, self.ppo.step if self.ppo else 0)
 
@@ -196,17 +209,19 @@ class Learner:
     def new_id(self) -> str:
         return f"it-{int(self.client.incr(SEQ)):04d}"
 
+    def phases(self) -> dict[str, Callable[[Work, Progress], None]]:
+        """The phases of one iteration, in order, by their PHASES name."""
+        return dict(zip(PHASES, [self.drain, self.sft, self.reward_model, self.train_policy,
+                                 self.evaluate, self.publish, self.record], strict=True))
+
     def run(self, progress: Progress, work: Work | None = None,
             phases: Sequence[str] = PHASES) -> Progress:
         """``phases`` (all of PHASES) in order; a failing phase marks the iteration failed
         (and re-raises). `rlhf sft` runs sft, publish, record on a ``work`` it filled."""
         work = work or Work()
-        steps: dict[str, Callable[[Work, Progress], None]] = {
-            "drain": self.drain, "sft": self.sft, "reward_model": self.reward_model,
-            "ppo": self.train_policy, "evaluate": self.evaluate, "publish": self.publish,
-            "record": self.record}
+        steps = self.phases()
         progress.phases = len(phases)
-        with self.lock:
+        with self.lock, self.cluster.iteration():
             self.active, progress.learner = progress, self.name
             try:
                 for number, name in enumerate(phases, 1):
@@ -218,6 +233,7 @@ class Learner:
                              name)
                     pause_for_tests(name)
                     start = time.perf_counter()
+                    self.cluster.before_phase(name, progress.id, work)  # shared: all ranks
                     phase(work, progress)
                     progress.seconds[name] = time.perf_counter() - start
             except Exception as exc:
@@ -256,6 +272,7 @@ class Learner:
         work.demonstrations = sft_demonstrations(self.demonstration_dataset.load_all(),
                                                  work.comparisons)
         work.new_demonstrations = count_new(work.demonstrations, old_demos, old_comparisons)
+        work.golden = tasks.golden_map(self.client)  # on Work: the RM phase runs on every rank
         progress.metrics.update({"data/new": result.stored, "data/duplicates": result.duplicates,
                                  "data/malformed": result.malformed,
                                  "data/comparisons": len(work.comparisons),
@@ -312,7 +329,8 @@ class Learner:
         with self._bar(progress, "reward model") as bar:
             progress.metrics.update(fit_reward_model(self.rm, self.loaded.tokenizer,
                                                      work.comparisons, self.rm_cfg, reference,
-                                                     on_step=_stepper(progress, bar)))
+                                                     on_step=_stepper(progress, bar),
+                                                     golden=work.golden))
 
     # 4 ------------------------------------------------------------------------------------
     def ensure_ppo(self) -> PPOState:
@@ -425,7 +443,8 @@ class Learner:
     # helpers ------------------------------------------------------------------------------
     def _bar(self, progress: Progress, what: str, total: int | None = None
              ) -> AbstractContextManager[tqdm]:
-        return records.progress_bar(f"{progress.id} {what}", total, self.cfg.progress_bars)
+        return records.progress_bar(f"{progress.id} {what}", total,
+                                    self.cfg.progress_bars and self.cluster.is_leader)
 
     @torch.no_grad()
     def _ptx_loss(self, texts: Sequence[str]) -> float:
@@ -435,7 +454,8 @@ class Learner:
         return float(loss)
 
     def close(self) -> None:
-        self.intake.close()
-        self.dataset.close()
-        self.demonstration_dataset.close()
-        self.client.close()
+        if self.cluster.is_leader:
+            self.intake.close()
+            self.dataset.close()
+            self.demonstration_dataset.close()
+            self.client.close()

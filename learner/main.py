@@ -5,6 +5,11 @@
 arrived. Prints one JSON line ``{"event": "listening", "port": N, "resumed_from": version or
 null, ...}`` on stdout when the API accepts connections (port 0 picks a free one). A restart
 continues from the checkpoint in ``data_dir`` (learner/iteration.py, learner/checkpoint.py).
+
+Under ``torchrun`` (``rlhf learn --nproc N`` starts it for one machine) the processes are ONE
+learner (learner/cluster.py): rank 0 runs all of the above and the listening line names every
+rank (``"ranks": [{"rank": 0, "pid": ...}, ...]``); the other ranks load the same base and
+follow rank 0's iterations.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -38,19 +44,45 @@ def _auto_trigger(runner, cfg: LearnerConfig, stop: threading.Event) -> None:
             log.info("auto-triggered iteration %s", started.id)
 
 
+def torchrun_argv(nproc: int, argv: Sequence[str]) -> list[str]:
+    """The command `rlhf learn --nproc N ...` becomes: torchrun on this machine, each rank
+    running `rlhf learn` with the same flags."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", "-m", "--",  # "--": torchrun parses no learner flag
+            "rlhf.cli", "learn", *argv]
+
+
 def run(cfg: LearnerConfig) -> int:
     import torch
     import uvicorn
 
+    from learner import distributed as dd
     from learner.admin_api import Runner, create_app
+    from learner.cluster import Cluster, die_with_parent
     from learner.iteration import Learner
     from rlhf.modeling import load_model
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    loaded = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype,
+    device = cfg.device
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        die_with_parent()
+        wants_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+        joined = dd.init_from_env(timeout_s=cfg.dist_timeout_s, cuda=not wants_cpu)
+        device = str(joined) if cfg.device in ("auto", "cuda") else device  # cuda:LOCAL_RANK
+    cluster = Cluster(cfg.dist_heartbeat_s)
+    loaded = load_model(cfg.model, device=device, dtype=cfg.dtype,
                         load_in_4bit=cfg.load_in_4bit)  # the one base model of this process
-    learner = Learner(cfg, loaded)
+    learner = Learner(cfg, loaded, cluster=cluster)
+    ranks = [{"rank": r, "pid": pid, "host": host} for r, (pid, host) in enumerate(
+        dd.all_gather_object((os.getpid(), socket.gethostname())))]
+    if not cluster.is_leader:
+        try:
+            cluster.follow(learner)
+        finally:
+            learner.close()
+            dd.close()
+        return 0
     runner = Runner(learner)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -62,14 +94,27 @@ def run(cfg: LearnerConfig) -> int:
         threading.Thread(target=_auto_trigger, args=(runner, cfg, stop), daemon=True).start()
     sys.stdout.write(json.dumps({"event": "listening", "port": sock.getsockname()[1],
                                  "base_model": loaded.name, "resumed_from": learner.parent,
-                                 "ppo_step": learner.ppo.step if learner.ppo else 0}) + "\n")
+                                 "ppo_step": learner.ppo.step if learner.ppo else 0,
+                                 "ranks": ranks}) + "\n")
     sys.stdout.flush()
+    cluster.start_heartbeat()
+    # uvicorn re-raises the SIGTERM/SIGINT it shut down on once it is done: held here until
+    # the other ranks are released and the dataset closed, then raised (exit as signalled).
+    caught: list[int] = []
+    held = {sig: signal.signal(sig, lambda s, _frame: caught.append(s))
+            for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.run(sockets=[sock])
     finally:
         stop.set()
         runner.join(timeout=5.0)
+        cluster.stop()
         learner.close()
+        dd.close()
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
+    if caught:
+        signal.raise_signal(caught[0])
     return 0
 
 

@@ -73,12 +73,19 @@ class PPOConfig:
     lam: float = _f(0.95, "GAE lambda")
     max_grad_norm: float = _f(1.0, "gradient clip over the trainable parameters")
     ptx_max_length: int = _f(128, "tokens per pretraining text")
+    rollout_groups: int = _f(0, "split each batch into this many groups, each sampled with "
+                             "its own seed (a multiple of the process count): the samples "
+                             "then do not depend on how many processes share the batch; 0 = "
+                             "one group per process")
 
     def __post_init__(self) -> None:
         if self.batch_size % self.minibatch_size or self.minibatch_size < 1:
             raise ValueError("batch_size must be a positive multiple of minibatch_size")
         if self.temperature <= 0 or not 0.0 < self.top_p <= 1.0:
             raise ValueError("temperature > 0 and 0 < top_p <= 1 required")
+        if self.rollout_groups < 0 or (self.rollout_groups
+                                       and self.batch_size % self.rollout_groups):
+            raise ValueError("rollout_groups must be 0 or divide batch_size")
 
 
 @dataclass
@@ -231,17 +238,19 @@ def _query_ids(tokenizer, prompt: str) -> list[int]:
 
 
 @torch.no_grad()
-def rollout(state: PPOState, prompts: Sequence[str], keep_sample_logprobs: bool = False
-            ) -> Rollout:
+def rollout(state: PPOState, prompts: Sequence[str], keep_sample_logprobs: bool = False,
+            group: int | None = None) -> Rollout:
     """Sample one response per prompt with the policy adapter (eval mode, cfg temperature and
-    top-p, top-k off); the response runs up to and including the first EOS."""
+    top-p, top-k off); the response runs up to and including the first EOS. The seed is
+    ``cfg.seed + step`` offset by ``group`` (default: this rank) times ``dd.SEED_STRIDE``."""
     cfg, tok = state.cfg, state.tokenizer
     _activate(state, POLICY)
     pad = tok.pad_token_id
     query, query_mask = _pad([_query_ids(tok, p) for p in prompts], pad, left=True,
                              device=state.value_head.weight.device)
     width = query.size(1)
-    torch.manual_seed(dd.sample_seed(cfg.seed + state.step))  # other samples on each rank
+    offset = dd.rank() if group is None else group  # other samples on each rank / group
+    torch.manual_seed(cfg.seed + state.step + offset * dd.SEED_STRIDE)
     out = state.peft.generate(
         input_ids=query, attention_mask=query_mask, do_sample=True, temperature=cfg.temperature,
         top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens, pad_token_id=pad,
@@ -313,6 +322,25 @@ def ptx_forward(state: PPOState, texts: Sequence[str]) -> tuple[Tensor, dict]:
     return ptx_loss(state.peft(input_ids=ids, attention_mask=mask).logits, ids, mask)
 
 
+def join_rollouts(parts: Sequence[Rollout], pad: int) -> Rollout:
+    """Rollouts of several groups as one batch: queries left-padded, responses right-padded
+    to the widest (padding is masked, and positions come from the mask)."""
+    if len(parts) == 1:
+        return parts[0]
+    p, t = (max(getattr(r, k).size(1) for r in parts) for k in ("query", "response"))
+
+    def widen(x: Tensor, width: int, left: bool, value: int) -> Tensor:
+        fill = x.new_full((x.size(0), width - x.size(1)), value)
+        return torch.cat([fill, x] if left else [x, fill], 1)
+
+    return Rollout([q for r in parts for q in r.prompts],
+                   torch.cat([widen(r.query, p, True, pad) for r in parts]),
+                   torch.cat([widen(r.query_mask, p, True, 0) for r in parts]),
+                   torch.cat([widen(r.response, t, False, pad) for r in parts]),
+                   torch.cat([widen(r.response_mask, t, False, 0) for r in parts]),
+                   [x for r in parts for x in r.texts])
+
+
 def _slice(ro: Rollout, idx: Tensor) -> Rollout:
     return Rollout([ro.prompts[i] for i in idx.tolist()], ro.query[idx], ro.query_mask[idx],
                    ro.response[idx], ro.response_mask[idx], [ro.texts[i] for i in idx.tolist()])
@@ -374,8 +402,13 @@ def ppo_step(state: PPOState, prompts: Sequence[str], ptx_texts: Sequence[str] =
         raise ValueError(f"expected {cfg.batch_size} prompts, got {len(prompts)}")
     if cfg.minibatch_size % world:
         raise ValueError(f"minibatch_size {cfg.minibatch_size} must split over {world} ranks")
+    groups = cfg.rollout_groups or world
+    if groups % world:
+        raise ValueError(f"rollout_groups {groups} must be a multiple of {world} ranks")
     t0 = time.perf_counter()
-    ro = rollout(state, dd.shard(prompts))  # 1
+    size = len(prompts) // groups  # this rank samples its groups, each with its own seed
+    ro = join_rollouts([rollout(state, prompts[g * size:(g + 1) * size], group=g)
+                        for g in dd.shard(range(groups))], state.tokenizer.pad_token_id)  # 1
     t1 = time.perf_counter()
     sc = score(state, ro)  # 2
     adv, returns, adv_stats = advantages(state, ro, sc)  # 3

@@ -17,8 +17,15 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
+from learner import distributed as dd
 from learner.checkpoint import CheckpointError
-from learner.lora import adapter_tensors, add_adapter, copy_adapter, load_tensors
+from learner.lora import (
+    adapter_parameters,
+    adapter_tensors,
+    add_adapter,
+    copy_adapter,
+    load_tensors,
+)
 from learner.records import pause_for_tests
 from learner.sft import SFT, SFTConfig, StepCallback, fit_sft
 from rlhf.v1.feedback_pb2 import Demonstration
@@ -47,6 +54,8 @@ class Reference:
         try:
             metrics = fit_sft(self.peft, tokenizer, demonstrations, cfg, self.layout(),
                               on_step=on_step)
+            with torch.no_grad():  # a cluster: every rank trained alike; rank 0's, exactly
+                dd.broadcast_params(list(adapter_parameters(self.peft, SFT).values()))
             pause_for_tests("sft:trained")
         except BaseException:
             if before is not None:

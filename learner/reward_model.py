@@ -21,7 +21,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +29,7 @@ from peft import PeftModel
 from torch import Tensor, nn
 
 from learner import distributed as dd
+from learner.labeler_filter import exclude_labelers
 from learner.lora import add_adapter, lora_config
 from learner.losses import kwise_rm_loss
 from rlhf.chat import chat_ids
@@ -65,6 +66,13 @@ class RMConfig:
     seed: int = _f(0, "seed of the split and the shuffling")
     threads: int = _f(0, "torch threads while training; 0 = leave torch's setting")
     log_every: int = _f(20, "log progress every N steps")
+    min_golden_accuracy: float = _f(0.0, "leave out of the RM's data each labeler whose "
+                                    "golden accuracy (rlhf.agreement) is below this, once "
+                                    "they ranked --rm-min-scored golden items; 0 = keep all")
+    min_agreement: float = _f(0.0, "the same for pairwise agreement with other labelers on "
+                              "overlapped tasks (after --rm-min-scored pairs); 0 = keep all")
+    min_scored: int = _f(3, "golden items / overlapped pairs a labeler needs before a "
+                         "threshold above can leave them out")
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.epochs < 1 or self.batch < 1:
@@ -73,6 +81,10 @@ class RMConfig:
             raise ValueError("micro_batch must be >= 0 (0 = the whole step at once)")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ValueError("heldout_fraction must be in [0, 1)")
+        if not (0 <= self.min_golden_accuracy <= 1 and 0 <= self.min_agreement <= 1
+                and self.min_scored >= 1):
+            raise ValueError("min_golden_accuracy and min_agreement in [0, 1], min_scored "
+                             ">= 1 required")
         if self.max_length < 8 or self.lora_rank < 1:
             raise ValueError("max_length >= 8 and lora_rank >= 1 required")
 
@@ -393,12 +405,17 @@ def calibrate_bias(rm: RewardModel, tokenizer,
 
 def fit_reward_model(rm: RewardModel, tokenizer, comparisons: Sequence[Comparison],
                      cfg: RMConfig, reference: Sequence[tuple[Sequence, str]] = (),
-                     on_step: StepCallback | None = None) -> dict:
-    """The RM phase of one learner iteration: split by labeler, train, evaluate on the
-    held-out labelers, calibrate the bias on reference samples (when given)."""
+                     on_step: StepCallback | None = None,
+                     golden: Mapping[str, object] | None = None) -> dict:
+    """The RM phase of one learner iteration: leave out labelers below the quality
+    thresholds (``golden``: the task queue's known answers), split by labeler, train,
+    evaluate on the held-out labelers, calibrate the bias on reference samples (when given)."""
+    comparisons, quality = exclude_labelers(comparisons, golden or {}, cfg.min_golden_accuracy,
+                                            cfg.min_agreement, cfg.min_scored)
     train, heldout, info = split_by_labeler(comparisons, cfg.heldout_fraction, cfg.seed)
     log.info("rm split: %s", info)
-    metrics: dict = {"rm/split": info["split"], "rm/heldout_comparisons": len(heldout)}
+    metrics: dict = {"rm/split": info["split"], "rm/heldout_comparisons": len(heldout),
+                     **quality}
     metrics.update(train_reward_model(rm, tokenizer, train, cfg, on_step))
     if heldout:
         metrics.update(evaluate_rm(rm, tokenizer, heldout, cfg))

@@ -10,7 +10,8 @@ PPO's KL reference and starts the RM's LoRA from it (learner/iteration.py).
 
 Held out like the RM: whole labelers, or by demonstration id when there is only one; the
 loss on the held-out answers is reported before (= the base: a fresh LoRA is the identity)
-and after training. Single process (not sharded over data-parallel ranks).
+and after training. Not sharded: in a cluster (learner/cluster.py) the phase is shared and
+every rank trains on all rows, then holds rank 0's weights (``Reference.train``).
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ from collections.abc import Callable, Sequence
 
 
 def _logging(verbose: bool) -> None:
+    rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s {rank}%(name)s: %(message)s")
 
 
 def _config(argv: Sequence[str], cls: type, prog: str, what: str, prefix: str):
@@ -107,6 +108,12 @@ def _data(argv: Sequence[str]) -> int:
     return main(list(argv))
 
 
+def _tasks(argv: Sequence[str]) -> int:
+    from rlhf.tasks_cli import main
+
+    return main(list(argv))
+
+
 def _adapters(argv: Sequence[str]) -> int:
     from rlhf.adapters_cli import main
 
@@ -127,6 +134,12 @@ def _learn(argv: Sequence[str]) -> int:
     config = _config(argv, LearnerConfig, "rlhf learn",
                      "Run the learner: iterations on demand via its admin API.", ENV_PREFIX)
     _resolve_model("rlhf learn", config.model)
+    if config.nproc > 1 and "WORLD_SIZE" not in os.environ:  # become torchrun's agent
+        from learner.main import torchrun_argv
+
+        cmd = torchrun_argv(config.nproc, argv)
+        sys.stdout.flush()
+        os.execv(cmd[0], cmd)
     return run(config)
 
 
@@ -177,6 +190,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "starter-model": (_starter, "build (or reuse) the built-in starter model; prints its path"),
     "codegen": (_codegen, "regenerate the Python stubs of proto/"),
     "data": (_data, "export/import comparisons (chosen/rejected pairs) and demonstrations"),
+    "tasks": (_tasks, "queue prompts for labelers (rlhf tasks load FILE | status)"),
     "models": (_models, "named base models: list, pull (fetch + convert once, cached)"),
     "adapters": (_adapters, "list, show, promote or roll back adapter versions (registry)"),
     "learn": (_learn, "run the learner (RM + PPO iterations) with its admin HTTP API"),

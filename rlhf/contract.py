@@ -18,6 +18,7 @@ metadata, HTTP error ``param``) without parsing messages.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Collection, Sequence
 
 from rlhf.rules import (  # noqa: F401 (re-exported: the contract's one import point)
@@ -56,6 +57,8 @@ KNOWN_SOURCES = frozenset(v.number for v in DemonstrationSource.DESCRIPTOR.value
 MIN_TEMPERATURE = 0.01
 MAX_TEMPERATURE = 100.0
 MAX_TOP_K = 1 << 20
+TASK_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a queued task (rlhf.tasks)
+TASK_ID_RULE = "1..128 characters of A-Z a-z 0-9 . _ : -"
 
 
 # -- the record ----------------------------------------------------------------------------
@@ -75,6 +78,9 @@ def validate_comparison(msg: Comparison, known_versions: Collection[str] | None 
     _check_ranking(msg.candidates)
     for name in ("comment", "ideal_answer"):
         check_size(name, getattr(msg, name), limits)
+    if msg.task_id and TASK_ID_RE.fullmatch(msg.task_id) is None:
+        raise InvalidComparison("task_id", f"must be {TASK_ID_RULE} (or empty for free "
+                                f"chat), got {msg.task_id[:80]!r}")
     check_timestamps(msg)
 
 

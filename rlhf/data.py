@@ -20,6 +20,7 @@ naming the line and field; nothing is stored); export writes the stream in chat 
 from __future__ import annotations
 
 import argparse
+import csv
 import gzip
 import hashlib
 import json
@@ -37,7 +38,7 @@ from typing import IO
 import redis
 from google.protobuf import json_format
 
-from rlhf import adapter_store
+from rlhf import adapter_store, tasks
 from rlhf.comparisons import append_many, decode_entry, read_entries
 from rlhf.contract import (
     BASE,
@@ -52,6 +53,8 @@ from rlhf.demonstration_files import (
     import_demonstrations,
     read_demonstrations,
 )
+from rlhf.labelers import COLUMNS as LABELER_COLUMNS
+from rlhf.labelers import LabelerStats
 from rlhf.v1 import feedback_pb2 as fb
 from rlhf.v1 import policy_pb2 as pb
 
@@ -203,6 +206,27 @@ def export(client: redis.Redis, out: str, fmt: str) -> dict:
     return {"format": fmt, "out": out, **counts, "skipped_entries": skipped[:MAX_REPORTED]}
 
 
+def export_labelers(client: redis.Redis, out: str) -> dict:
+    """The per-labeler report (rlhf.labelers) over the whole stream: CSV (one row per
+    labeler) when ``out`` ends in .csv, else JSON with the pairs and the overall numbers."""
+    stats = LabelerStats()
+    for _, fields in read_entries(client):
+        try:
+            stats.add(decode_entry(fields))
+        except Exception:  # damaged entries are counted by the plain export
+            continue
+    report = stats.report(tasks.golden_map(client))
+    with _atomic_output(out) as f:
+        if out.endswith((".csv", ".csv.gz")):
+            writer = csv.DictWriter(f, fieldnames=list(LABELER_COLUMNS))
+            writer.writeheader()
+            writer.writerows(report["labelers"])
+        else:
+            json.dump(report, f, indent=1)
+    return {"format": "labelers", "out": out, "labelers": len(report["labelers"]),
+            **{k: v for k, v in report["overall"].items()}}
+
+
 def _lines(path: str) -> Iterator[tuple[int, bytes]]:
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
@@ -284,6 +308,9 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     exp.add_argument("--format", choices=["records", "pairs"], default="records")
     exp.add_argument("--demonstrations", action="store_true",
                      help="export the demonstrations stream instead (chat-format JSONL)")
+    exp.add_argument("--labelers", action="store_true", help="write the per-labeler report "
+                     "instead (agreement, golden accuracy, median time, flag rate): CSV when "
+                     "--out ends in .csv, else JSON")
     imp = sub.add_parser("import", help='{"chosen", "rejected"} JSONL -> K = 2 comparisons; '
                          "--demonstrations: prompt/response or chat JSONL -> demonstrations")
     imp.add_argument("--redis-url", required=True)
@@ -302,7 +329,9 @@ def main(argv: Sequence[str]) -> int:
     client = redis.Redis.from_url(args.redis_url, socket_connect_timeout=5.0)
     start = time.perf_counter()
     try:
-        if args.action == "export" and args.demonstrations:
+        if args.action == "export" and args.labelers:
+            summary = export_labelers(client, args.out)
+        elif args.action == "export" and args.demonstrations:
             with _atomic_output(args.out) as f:
                 summary = {"format": "demonstrations", "out": args.out,
                            **export_demonstrations(client, f)}

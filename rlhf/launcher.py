@@ -226,8 +226,8 @@ class Launcher:
                  "RLHF_SERVE_UI_TOKEN": self.ui_token})
         self.start("learn", rlhf_cmd(
             "learn", "--model", c.model, "--host", c.host, "--port", str(c.learner_port),
-            "--data-dir", str(self.data / "learner"), "--adapter-store", store, *common,
-            *self.extras["learn"]),
+            "--data-dir", str(self.data / "learner"), "--adapter-store", store,
+            "--nproc", str(c.learner_procs), *common, *self.extras["learn"]),
             env={"RLHF_LEARN_REDIS_URL": redis_url,
                  "RLHF_LEARN_ADMIN_TOKEN": self.operator_token})
         self.wait_for("serve", lambda: self.event("serve", "ready"), c.ready_timeout_s)
@@ -238,13 +238,14 @@ class Launcher:
         return bool(listening) and _http_ok(self.learner_url + "/v1/status",
                                             self.operator_token)
 
-    def phase_ui(self) -> None:
+    def phase_ui(self, redis_url: str) -> None:
         c = self.config
         self.ui_port = c.ui_port or free_port(c.host)  # Gradio cannot report a port-0 pick
         self.start("ui", rlhf_cmd(
             "ui", "--policy-target", self.grpc_target, "--host", c.host,
             "--port", str(self.ui_port), "--k", str(c.k), *self.extras["ui"]),
             env={"RLHF_UI_USERS": self.users, "RLHF_UI_AUTH_TOKEN": self.ui_token,
+                 "RLHF_UI_REDIS_URL": redis_url,  # the task queue ("Next task")
                  # the UI's Dashboard talks to the learner's admin API
                  "RLHF_UI_LEARNER_URL": self.learner_url,
                  "RLHF_UI_LEARNER_TOKEN": self.operator_token,
@@ -302,7 +303,7 @@ class Launcher:
             redis_url = self.phase_redis()
             self.phase_build()
             self.phase_serve_and_learn(redis_url)
-            self.phase_ui()
+            self.phase_ui(redis_url)
             self.announce(redis_url)
             self.wait_for("shutdown", lambda: False, None)
         except Stopped:

@@ -54,6 +54,8 @@ class UpConfig:
                        "one per start", secret=True)
     device: str = _f("auto", "cpu, cuda, cuda:N or auto, for serving and the learner")
     load_in_4bit: bool = _f(False, "load the base model in 4-bit (bitsandbytes; GPU)")
+    learner_procs: int = _f(1, "learner processes (torchrun on this machine, one learner: "
+                            "each holds the base model and trains on its share of a batch)")
     k: int = _f(4, "alternatives per turn in the UI (2..9)")
     ready_timeout_s: float = _f(600.0, "seconds each part gets to become ready (after the "
                                 "model is fetched/built)")
@@ -64,6 +66,8 @@ class UpConfig:
                  self.ui_port)
         if any(not 0 <= p <= 65535 for p in ports):
             raise ValueError("ports must be in 0..65535")
+        if self.learner_procs < 1:
+            raise ValueError("learner_procs must be >= 1")
         if not (self.ready_timeout_s > 0 and self.stop_timeout_s > 0):
             raise ValueError("ready_timeout_s and stop_timeout_s must be > 0")
 

@@ -25,7 +25,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from rlhf import adapter_store
+from rlhf import adapter_store, task_scripts, tasks
 from rlhf.comparisons import (
     COMPARISONS,
     GROUP,
@@ -166,6 +166,33 @@ class ComparisonStore:
         duplicate, entry_id = parse_reply(reply)
         return SubmitResult(record.id, duplicate, entry_id)
 
+    async def submit_for_task(self, record: Comparison, now_ms: int) -> SubmitResult:
+        """Store a ranking of a queued task (``record.task_id``) in one step with its lease
+        check (``rlhf.task_scripts.SUBMIT_LUA``): INVALID_ARGUMENT when it does not answer
+        the task as queued, PERMISSION_DENIED when the task is not leased to its labeler,
+        FAILED_PRECONDITION when it is unknown, done by them, or lost to an expired lease."""
+        try:
+            raw = await self.client.hgetall(tasks.task_key(record.task_id))
+            task = tasks.from_hash(raw) if raw else None
+            problem = tasks.record_problem(record, task) if task else None
+            if problem is None:
+                keys, args = task_scripts.submit_call(record, tasks.PREFIX, now_ms,
+                                                      self.stream, self.id_index, self.group)
+                status, value = task_scripts.parse_reply(
+                    await self.client.eval(task_scripts.SUBMIT_LUA, len(keys), *keys, *args))
+        except RedisError as exc:
+            log.warning("comparison %s not stored: %s: %s", record.id, type(exc).__name__, exc)
+            raise ServiceError(Code.UNAVAILABLE, f"the feedback store (Redis) is unavailable "
+                               f"({type(exc).__name__}: {exc}); {NOT_STORED}") from None
+        if problem is not None:
+            raise ServiceError(Code.INVALID_ARGUMENT, f"{problem[0]} {problem[1]}",
+                               field=problem[0])
+        if status < 0:
+            code, text = task_scripts.REASONS.get(value, ("FAILED_PRECONDITION", value))
+            raise ServiceError(Code[code], f"task_id {record.task_id[:80]!r} {text}; the "
+                               "ranking was not stored", field="task_id")
+        return SubmitResult(record.id, status == 1, value)
+
     async def close(self) -> None:
         await self.client.aclose()
 
@@ -214,8 +241,11 @@ class FeedbackService:
         return await self._store(record)
 
     async def _store(self, record: Comparison | Demonstration) -> SubmitResult:
-        record.received_at.FromMilliseconds(int(self.clock() * 1000))
-        result = await self.store.submit(record)
+        now_ms = int(self.clock() * 1000)
+        record.received_at.FromMilliseconds(now_ms)
+        queued = isinstance(record, Comparison) and record.task_id  # lease-checked (tasks)
+        result = await (self.store.submit_for_task(record, now_ms) if queued
+                        else self.store.submit(record))
         log.debug("%s %s from %s: %s as %s", type(record).__name__, record.id,
                   record.labeler_id, "duplicate" if result.duplicate else "stored",
                   result.stream_entry_id)

@@ -32,10 +32,10 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
 STATUS = {Code.INVALID_ARGUMENT: 400, Code.UNAUTHENTICATED: 401, Code.PERMISSION_DENIED: 403,
-          Code.NOT_FOUND: 404, Code.RESOURCE_EXHAUSTED: 429,
+          Code.NOT_FOUND: 404, Code.FAILED_PRECONDITION: 409, Code.RESOURCE_EXHAUSTED: 429,
           Code.UNAVAILABLE: 503, Code.DEADLINE_EXCEEDED: 504, Code.INTERNAL: 500}
-ERROR_TYPE = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error",
-              503: "service_unavailable"}
+ERROR_TYPE = {401: "authentication_error", 403: "permission_error", 409: "conflict_error",
+              429: "rate_limit_error", 503: "service_unavailable"}
 FINISH = {"eos": "stop", "stop": "stop", "max_tokens": "length", "context": "length"}
 _PARAMS = ("n", "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "stop",
            "messages", "adapter_version")

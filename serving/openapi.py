@@ -34,6 +34,9 @@ WHY = {400: "invalid request: the message names the field and what to fix",
        403: "the credential may not submit rankings as this labeler (the shared token "
        "never may; a labeler token only as its own labeler)",
        404: "unknown model or adapter version",
+       409: "a ranking for a queued task (task_id) that is unknown, already ranked by this "
+       "labeler, or whose expired lease went to other labelers (also 403 when the task is "
+       "not leased to the labeler)",
        413: "request body larger than 1 MiB",
        429: "server busy: too many requests waiting; retry with backoff",
        500: "server error (logged)", 503: "the model is loading, the server is shutting "
@@ -41,7 +44,7 @@ WHY = {400: "invalid request: the message names the field and what to fix",
 ERRORS_BY_PATH = {
     "/v1/chat/completions": (400, 401, 404, 413, 429, 500, 503, 504),
     "/v1/models": (401, 500, 503),
-    "/v1/feedback/comparisons": (400, 401, 403, 413, 500, 503),
+    "/v1/feedback/comparisons": (400, 401, 403, 409, 413, 500, 503),
     "/v1/feedback/demonstrations": (400, 401, 403, 413, 500, 503),
     "/healthz": (500,),
     "/metrics": (500,),

@@ -47,6 +47,7 @@ class Code(enum.Enum):
     INVALID_ARGUMENT = "invalid_argument"
     UNAUTHENTICATED = "unauthenticated"
     PERMISSION_DENIED = "permission_denied"
+    FAILED_PRECONDITION = "failed_precondition"  # e.g. a ranking for a task already done
     NOT_FOUND = "not_found"
     RESOURCE_EXHAUSTED = "resource_exhausted"
     UNAVAILABLE = "unavailable"

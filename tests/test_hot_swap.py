@@ -33,7 +33,8 @@ from serving.adapters import AdapterManager
 from tests.conftest import ROOT, ServerProcess
 
 TOKENS = 12
-LIVE_LIMIT_S = 1.5  # target 1 s; a little slack for a loaded 2-core CI machine
+LIVE_TIMEOUT_S = 30.0  # liveness only: a version that never goes live fails; how fast it goes
+# live is measured by `rlhf bench hotswap` (no timing thresholds in tests: CI machines are noisy)
 
 
 class Maker:
@@ -100,7 +101,7 @@ def greedy(stub: pbg.PolicyStub, tokens: int = TOKENS) -> tuple[str, set[str]]:
 
 
 def wait_live(stubs: list[pbg.PolicyStub], version: str, since: float,
-              limit: float = LIVE_LIMIT_S * 3) -> list[float]:
+              limit: float = LIVE_TIMEOUT_S) -> list[float]:
     """Seconds from ``since`` until each replica's GetInfo reports ``version`` current."""
     out = []
     for stub in stubs:
@@ -170,7 +171,6 @@ def test_ten_publishes_under_load_swap_cleanly_on_both_replicas(env):
     latencies.sort()
     print(json.dumps({"publish_to_live_s": {"p50": latencies[len(latencies) // 2],
                                             "max": latencies[-1]}}))
-    assert latencies[-1] < LIVE_LIMIT_S
     time.sleep(1.2)  # unused old versions are unloaded within a poll
     for stub in stubs:
         info = stub.GetInfo(pb.GetInfoRequest())
@@ -184,7 +184,7 @@ def test_a_missed_notification_is_caught_by_the_poll(env):
     store.register(env["client"], version, make_current=False)
     started = time.monotonic()
     env["client"].set(store.CURRENT, version.version)  # no PUBLISH
-    assert max(wait_live(env["stubs"], version.version, started)) < LIVE_LIMIT_S
+    wait_live(env["stubs"], version.version, started)  # caught by the poll, no PUBLISH
 
 
 def rejected(server: ServerProcess) -> dict[str, str]:
@@ -245,7 +245,7 @@ def test_rollback_through_the_cli(env):
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["current"] == target
-    assert max(wait_live(env["stubs"], target, started)) < LIVE_LIMIT_S + 2  # + CLI start
+    wait_live(env["stubs"], target, started)
     for stub in env["stubs"]:
         assert greedy(stub, tokens=2)[1] == {target}
     listed = subprocess.run([*cmd[:-2], "list"], cwd=ROOT, capture_output=True, text=True,

@@ -160,6 +160,10 @@ def test_config_file_values_and_child_tables(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("RLHF_UP_UI_PORT", "7000")  # env beats the file, the flag beats both
     config, _, _ = parse_args(["--config", str(path), "--model", "flag-model"])
     assert (config.model, config.ui_port, config.load_in_4bit) == ("flag-model", 7000, True)
+    assert config.learner_procs == 1
+    assert parse_args(["--learner-procs", "2"])[0].learner_procs == 2  # -> rlhf learn --nproc
+    with pytest.raises(SystemExit):
+        parse_args(["--learner-procs", "0"])
 
     path.write_text('modle = "typo"\n')
     with pytest.raises(ValueError, match="unknown key 'modle'"):

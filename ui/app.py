@@ -36,6 +36,7 @@ from ui.logic import (
     parse_flags,
     parse_ranks,
 )
+from ui.tasks import KEYBOARD_JS, TaskPanel, TaskQueue
 
 log = logging.getLogger(__name__)
 UPDATE_EVERY_S = 0.1  # at most ~10 screen updates a second while streaming
@@ -44,15 +45,18 @@ UPDATE_EVERY_S = 0.1  # at most ~10 screen updates a second while streaming
 def _new_session() -> dict[str, Any]:
     # messages: the conversation; turn: the Turn being ranked; pending: the records kept
     # for Retry as {"record": bytes, "demonstration": bytes | None, "request_id": str,
-    # "ranks": [...]} (each one set to None once stored).
-    return {"messages": [], "turn": None, "pending": None}
+    # "ranks": [...]} (each one set to None once stored); task_id: the queued task being
+    # ranked (ui.tasks), "" in free chat.
+    return {"messages": [], "turn": None, "pending": None, "task_id": ""}
 
 
 class RankingApp:
     """The handlers of one app, sharing one gRPC client."""
 
-    def __init__(self, config: UIConfig, client: ServingClient) -> None:
+    def __init__(self, config: UIConfig, client: ServingClient,
+                 queue: TaskQueue | None = None) -> None:
         self.config, self.client, self.k = config, client, config.k
+        self.tasks = TaskPanel(self, queue or TaskQueue.from_config(config))
 
     # --- building blocks -------------------------------------------------------------
     def _sampling(self, seed: int) -> pb.SamplingParams:
@@ -65,13 +69,15 @@ class RankingApp:
         ready = turn is not None and turn.complete
         out: dict = {}
         shown = turn.shown() if turn is not None else []
+        n = len(shown) or self.k  # a queued task may fix fewer answers than K
         for pos in range(self.k):
             out[self.cands[pos]] = shown[pos].text if pos < len(shown) else ""
-            rank = gr.update(interactive=ready)
-            flags = gr.update(interactive=ready)
+            rank = gr.update(interactive=ready, visible=pos < n)
+            flags = gr.update(interactive=ready, visible=pos < n)
             if reset:
-                rank = gr.update(value=None, interactive=ready)
-                flags = gr.update(value=[], interactive=ready)
+                rank = gr.update(value=None, interactive=ready, visible=pos < n,
+                                 choices=[str(r) for r in range(1, n + 1)])
+                flags = gr.update(value=[], interactive=ready, visible=pos < n)
             out[self.ranks[pos]], out[self.flags[pos]] = rank, flags
         out[self.submit_btn] = gr.update(interactive=ready)
         if reset:
@@ -99,8 +105,14 @@ class RankingApp:
         if not text.strip():
             yield {**base, self.status: "Type a message first."}
             return
-        seed = secrets.randbits(31)
         messages = [*session["messages"], {"role": "user", "content": text.strip()}]
+        yield from self._generate(session, messages, request, text)
+
+    def _generate(self, session: dict, messages: list[dict], request: gr.Request | None,
+                  text: str = ""):
+        """Stream K fresh answers to ``messages`` into a new turn (send and Next task)."""
+        base = {self.state: session}
+        seed = secrets.randbits(31)
         turn = Turn(messages=messages, request_id=uuid.uuid4().hex,
                     sampling=self._sampling(seed), order=display_order(self.k, seed),
                     alternatives=[Alternative(index=i) for i in range(self.k)])
@@ -142,9 +154,10 @@ class RankingApp:
         turn: Turn | None = session["turn"]
         if turn is None:
             return {self.state: session, self.status: "Nothing to rank yet: send a message."}
+        n = len(turn.alternatives)  # K, or the answers a queued task fixed
         try:
-            ranks = parse_ranks(list(ranks_raw), k)
-            flags = [parse_flags(f) for f in flags_raw]
+            ranks = parse_ranks(list(ranks_raw)[:n], n)
+            flags = [parse_flags(f) for f in flags_raw[:n]]
             record = build_comparison(
                 turn, comparison_id=uuid.uuid4().hex,
                 labeler_id=getattr(request, "username", None) or "", ranks=ranks, flags=flags,
@@ -153,6 +166,7 @@ class RankingApp:
                 created_at_ms=int(time.time() * 1000))
         except RankingError as exc:
             return {self.state: session, self.status: f"⚠️ {exc}"}
+        record.task_id = session.get("task_id", "")  # a queued task's ranking (ui.tasks)
         demo = build_demonstration(turn, demonstration_id=uuid.uuid4().hex, comparison=record)
         session["pending"] = {"record": record.SerializeToString(),
                               "demonstration": demo.SerializeToString() if demo else None,
@@ -188,6 +202,7 @@ class RankingApp:
             # The ranking is stored (with the text as its ideal_answer): carry on.
             done.append(f"⚠️ the better answer was not stored as a demonstration: {exc}")
         session["pending"] = None
+        session["task_id"] = ""
         out = {self.state: session, self.retry_btn: gr.update(visible=False),
                self.status: f"✅ {'; '.join(done) or 'Stored'}."}
         turn: Turn | None = session["turn"]
@@ -198,12 +213,14 @@ class RankingApp:
             out[self.chat] = session["messages"]
         return out
 
-    def skip(self, session: dict) -> dict:
+    def skip(self, session: dict, request: gr.Request = None) -> dict:
+        self.tasks.give_back(session, request)
         session["turn"] = None
         return {self.state: session, **self._controls(None, reset=True),
                 self.chat: session["messages"], self.status: "Skipped; nothing was stored."}
 
-    def new_conversation(self, session: dict) -> dict:
+    def new_conversation(self, session: dict, request: gr.Request = None) -> dict:
+        self.tasks.give_back(session, request)
         session["turn"], session["messages"] = None, []
         return {self.state: session, **self._controls(None, reset=True), self.chat: [],
                 self.status: "New conversation."}
@@ -251,6 +268,7 @@ class RankingApp:
             self.skip_btn = gr.Button("Skip", elem_id="skip")
             self.new_btn = gr.Button("New conversation", elem_id="new")
         self.status = gr.Markdown("", elem_id="status")
+        self.tasks.layout()  # Next task, shortcuts, guidelines (ui.tasks)
 
     def _wire(self, demo: gr.Blocks) -> None:
         """Events of the ranking tab."""
@@ -266,6 +284,7 @@ class RankingApp:
         # Skip / New conversation also stop a turn that is still streaming.
         self.skip_btn.click(self.skip, [self.state], everything, cancels=sending)
         self.new_btn.click(self.new_conversation, [self.state], everything, cancels=sending)
+        self.tasks.wire(everything)
 
 
 def build_app(config: UIConfig, client: ServingClient | None = None,
@@ -291,5 +310,5 @@ def main(config: UIConfig) -> int:
     demo.queue(default_concurrency_limit=16)
     demo.launch(server_name=config.host, server_port=config.port, auth=accounts,
                 auth_message="Log in with your labeler account.", show_error=True,
-                ssr_mode=False, quiet=True, footer_links=[])
+                ssr_mode=False, quiet=True, footer_links=[], js=KEYBOARD_JS)
     return 0

@@ -60,9 +60,13 @@ def user_message(exc: grpc.RpcError, action: str) -> ServingError:
                 if stored else "Serving did not answer in time; try again.")
     elif code == grpc.StatusCode.UNAUTHENTICATED:
         text = "The UI's token for serving is wrong or missing (ask an operator)."
+    elif code == grpc.StatusCode.PERMISSION_DENIED and details.startswith("task_id"):
+        text = f"Serving refused this ranking of the task: {details}"
     elif code == grpc.StatusCode.PERMISSION_DENIED:
         text = (f"Serving would not store this ranking under your name: {details} (ask an "
                 "operator: the UI needs serving's --ui-token as its token)")
+    elif code == grpc.StatusCode.FAILED_PRECONDITION:
+        text = f"Serving refused this ranking of the task: {details}"
     elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         text = "Serving is busy; try again in a moment."
     elif code == grpc.StatusCode.INVALID_ARGUMENT:

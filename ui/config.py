@@ -35,6 +35,15 @@ class UIConfig:
                             secret=True)
     operators: str = _f("", "labeler ids allowed to trigger iterations from the Dashboard: "
                         "'alice,bob' (everyone else sees it read-only)")
+    redis_url: str = _f("", "Redis of the task queue (`rlhf tasks load`): 'Next task' in the "
+                        "ranking tab leases queued prompts; empty = free chat only",
+                        secret=True, address="url")
+    task_lease_s: float = _f(600.0, "seconds a leased task stays the labeler's (a closed tab "
+                             "gives it back after this)")
+    golden_rate: float = _f(0.1, "share of 'Next task' draws that serve a golden task (known "
+                            "answer, shown like any other) while the labeler has one left")
+    guidelines: str = _f("", "Markdown file of labeling guidelines shown beside the answers; "
+                         "empty = the built-in ones (helpful, honest, harmless; how to rank)")
     dashboard_refresh_s: float = _f(2.0, "seconds between Dashboard refreshes while an "
                                     "iteration runs")
 
@@ -53,6 +62,10 @@ class UIConfig:
             problems.append("top_p must be in (0, 1]")
         if self.rpc_timeout_s <= 0:
             problems.append("rpc_timeout_s must be > 0")
+        if self.task_lease_s <= 0 or not 0 <= self.golden_rate <= 1:
+            problems.append("task_lease_s must be > 0 and golden_rate in [0, 1]")
+        if self.guidelines and not Path(self.guidelines).is_file():
+            problems.append(f"guidelines file {self.guidelines} does not exist")
         if self.dashboard_refresh_s <= 0:
             problems.append("dashboard_refresh_s must be > 0")
         if problems:

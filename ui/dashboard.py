@@ -3,11 +3,12 @@
 One call, ``GET /v1/dashboard`` (learner/dashboard.py), fills everything: per-iteration
 curves (RM accuracy, win rates, gold ones when a simulation logged them, reward, KL,
 pretraining loss) and the same numbers as a table, the queue of comparisons not yet
-consumed by the learner, comparisons and demonstrations per labeler, adapter versions.
-Operators (config ``operators``) get a Trigger button (``POST /v1/iterations``); while an
-iteration runs a ``gr.Timer`` refreshes the tab, and stops once it finished. Everyone else
-sees the tab read-only, and the handler itself refuses them too (Gradio events are callable by any
-logged-in user). The UI imports no learner code: the HTTP API is the contract.
+consumed by the learner, comparisons and demonstrations per labeler, adapter versions, and
+the Labelers view (agreement on overlapped tasks, golden accuracy, time per ranking, flag
+rate). Operators (config ``operators``) get a Trigger button (``POST /v1/iterations``); while
+an iteration runs a ``gr.Timer`` refreshes the tab, and stops once it finished. Everyone else
+sees the tab read-only, and the handler itself refuses them too (Gradio events are callable
+by any logged-in user). The UI imports no learner code: the HTTP API is the contract.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import httpx
 
 from ui.charts import line_chart
 from ui.config import UIConfig
+from ui.labelers_view import HEADERS as LABELER_HEADERS
+from ui.labelers_view import bar_chart, overall_text, table_rows
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +223,10 @@ class DashboardTab:
                self.note: "" if operator else
                "Read-only: only operators can start iterations.",
                self.timer: gr.Timer(active=running)}
+        quality = board.get("labeler_quality")  # the Labelers view (ui.labelers_view)
+        out.update({self.quality_text: overall_text(quality),
+                    self.quality_table: table_rows(quality),
+                    self.quality_chart: bar_chart((quality or {}).get("labelers", []))})
         out.update(zip(self.plots, curve_charts(iterations), strict=True))
         return out
 
@@ -250,9 +257,16 @@ class DashboardTab:
             with gr.Column():
                 gr.Markdown("### Comparisons and demonstrations per labeler")
                 self.labelers = gr.Markdown("", elem_id="dash-labelers")
+        gr.Markdown("### Labelers")
+        self.quality_text = gr.Markdown("", elem_id="dash-labeler-overall")
+        with gr.Row():
+            self.quality_table = gr.Dataframe(headers=LABELER_HEADERS, interactive=False,
+                                              elem_id="dash-labeler-table", scale=3)
+            self.quality_chart = gr.HTML(bar_chart([]), elem_id="dash-labeler-plot")
         self.timer = gr.Timer(self.config.dashboard_refresh_s, active=False)
         shown = [self.progress, self.message, self.queue, self.labelers, self.adapters,
-                 self.iterations, self.trigger_btn, self.note, self.timer, *self.plots]
+                 self.iterations, self.trigger_btn, self.note, self.timer, *self.plots,
+                 self.quality_text, self.quality_table, self.quality_chart]
         tab.select(self.refresh, None, shown, show_progress="hidden")
         refresh_btn.click(self.refresh, None, shown)
         self.timer.tick(self.refresh, None, shown, show_progress="hidden")

@@ -26,31 +26,31 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from rlhf.v1 import policy_pb2 as rlhf_dot_v1_dot_policy__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rlhf/v1/feedback.proto\x12\x07rlhf.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14rlhf/v1/policy.proto\"\xbd\x01\n\tCandidate\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x02 \x01(\t\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.rlhf.v1.SamplingParams\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x10\n\x08position\x18\x05 \x01(\r\x12\x0c\n\x04rank\x18\x06 \x01(\r\x12\x1c\n\x05\x66lags\x18\x07 \x03(\x0e\x32\r.rlhf.v1.Flag\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"\xc6\x02\n\nComparison\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nlabeler_id\x18\x02 \x01(\t\x12&\n\x08messages\x18\x03 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\x12&\n\ncandidates\x18\x04 \x03(\x0b\x32\x12.rlhf.v1.Candidate\x12\x0f\n\x07\x63omment\x18\x05 \x01(\t\x12\x14\n\x0cideal_answer\x18\x06 \x01(\t\x12\x14\n\x0crank_time_ms\x18\x07 \x01(\r\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0breceived_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x0clabeler_auth\x18\n \x01(\x0e\x32\x14.rlhf.v1.LabelerAuth\"8\n\rSubmitRequest\x12\'\n\ncomparison\x18\x01 \x01(\x0b\x32\x13.rlhf.v1.Comparison\"H\n\x0eSubmitResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x17\n\x0fstream_entry_id\x18\x03 \x01(\t\"\xb9\x02\n\rDemonstration\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nlabeler_id\x18\x02 \x01(\t\x12&\n\x08messages\x18\x03 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\x12\x0e\n\x06\x61nswer\x18\x04 \x01(\t\x12,\n\x06source\x18\x05 \x01(\x0e\x32\x1c.rlhf.v1.DemonstrationSource\x12\x15\n\rcomparison_id\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0breceived_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x0clabeler_auth\x18\t \x01(\x0e\x32\x14.rlhf.v1.LabelerAuth\"K\n\x1aSubmitDemonstrationRequest\x12-\n\rdemonstration\x18\x01 \x01(\x0b\x32\x16.rlhf.v1.Demonstration*\xee\x01\n\x04\x46lag\x12\x14\n\x10\x46LAG_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x46LAG_FAILS_INSTRUCTION\x10\x01\x12\x16\n\x12\x46LAG_MADE_UP_FACTS\x10\x02\x12\x10\n\x0c\x46LAG_HARMFUL\x10\x03\x12\x16\n\x12\x46LAG_INAPPROPRIATE\x10\x04\x12\x17\n\x13\x46LAG_SEXUAL_CONTENT\x10\x05\x12\x18\n\x14\x46LAG_VIOLENT_CONTENT\x10\x06\x12#\n\x1f\x46LAG_DENIGRATES_PROTECTED_CLASS\x10\x07\x12\x1a\n\x16\x46LAG_EXPRESSES_OPINION\x10\x08*\x8e\x01\n\x0bLabelerAuth\x12\x1c\n\x18LABELER_AUTH_UNSPECIFIED\x10\x00\x12\x15\n\x11LABELER_AUTH_NONE\x10\x01\x12\x19\n\x15LABELER_AUTH_UI_LOGIN\x10\x02\x12\x16\n\x12LABELER_AUTH_TOKEN\x10\x03\x12\x17\n\x13LABELER_AUTH_IMPORT\x10\x04*\xbc\x01\n\x13\x44\x65monstrationSource\x12$\n DEMONSTRATION_SOURCE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x44\x45MONSTRATION_SOURCE_UI\x10\x01\x12\x1c\n\x18\x44\x45MONSTRATION_SOURCE_API\x10\x02\x12\x1f\n\x1b\x44\x45MONSTRATION_SOURCE_IMPORT\x10\x03\x12#\n\x1f\x44\x45MONSTRATION_SOURCE_COMPARISON\x10\x04\x32\x9a\x01\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x39\n\x06Submit\x12\x16.rlhf.v1.SubmitRequest\x1a\x17.rlhf.v1.SubmitResponse\x12S\n\x13SubmitDemonstration\x12#.rlhf.v1.SubmitDemonstrationRequest\x1a\x17.rlhf.v1.SubmitResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rlhf/v1/feedback.proto\x12\x07rlhf.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14rlhf/v1/policy.proto\"\xbd\x01\n\tCandidate\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x02 \x01(\t\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.rlhf.v1.SamplingParams\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x10\n\x08position\x18\x05 \x01(\r\x12\x0c\n\x04rank\x18\x06 \x01(\r\x12\x1c\n\x05\x66lags\x18\x07 \x03(\x0e\x32\r.rlhf.v1.Flag\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"\xd7\x02\n\nComparison\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nlabeler_id\x18\x02 \x01(\t\x12&\n\x08messages\x18\x03 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\x12&\n\ncandidates\x18\x04 \x03(\x0b\x32\x12.rlhf.v1.Candidate\x12\x0f\n\x07\x63omment\x18\x05 \x01(\t\x12\x14\n\x0cideal_answer\x18\x06 \x01(\t\x12\x14\n\x0crank_time_ms\x18\x07 \x01(\r\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0breceived_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x0clabeler_auth\x18\n \x01(\x0e\x32\x14.rlhf.v1.LabelerAuth\x12\x0f\n\x07task_id\x18\x0b \x01(\t\"8\n\rSubmitRequest\x12\'\n\ncomparison\x18\x01 \x01(\x0b\x32\x13.rlhf.v1.Comparison\"H\n\x0eSubmitResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x17\n\x0fstream_entry_id\x18\x03 \x01(\t\"\xb9\x02\n\rDemonstration\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nlabeler_id\x18\x02 \x01(\t\x12&\n\x08messages\x18\x03 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\x12\x0e\n\x06\x61nswer\x18\x04 \x01(\t\x12,\n\x06source\x18\x05 \x01(\x0e\x32\x1c.rlhf.v1.DemonstrationSource\x12\x15\n\rcomparison_id\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0breceived_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x0clabeler_auth\x18\t \x01(\x0e\x32\x14.rlhf.v1.LabelerAuth\"K\n\x1aSubmitDemonstrationRequest\x12-\n\rdemonstration\x18\x01 \x01(\x0b\x32\x16.rlhf.v1.Demonstration*\xee\x01\n\x04\x46lag\x12\x14\n\x10\x46LAG_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x46LAG_FAILS_INSTRUCTION\x10\x01\x12\x16\n\x12\x46LAG_MADE_UP_FACTS\x10\x02\x12\x10\n\x0c\x46LAG_HARMFUL\x10\x03\x12\x16\n\x12\x46LAG_INAPPROPRIATE\x10\x04\x12\x17\n\x13\x46LAG_SEXUAL_CONTENT\x10\x05\x12\x18\n\x14\x46LAG_VIOLENT_CONTENT\x10\x06\x12#\n\x1f\x46LAG_DENIGRATES_PROTECTED_CLASS\x10\x07\x12\x1a\n\x16\x46LAG_EXPRESSES_OPINION\x10\x08*\x8e\x01\n\x0bLabelerAuth\x12\x1c\n\x18LABELER_AUTH_UNSPECIFIED\x10\x00\x12\x15\n\x11LABELER_AUTH_NONE\x10\x01\x12\x19\n\x15LABELER_AUTH_UI_LOGIN\x10\x02\x12\x16\n\x12LABELER_AUTH_TOKEN\x10\x03\x12\x17\n\x13LABELER_AUTH_IMPORT\x10\x04*\xbc\x01\n\x13\x44\x65monstrationSource\x12$\n DEMONSTRATION_SOURCE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x44\x45MONSTRATION_SOURCE_UI\x10\x01\x12\x1c\n\x18\x44\x45MONSTRATION_SOURCE_API\x10\x02\x12\x1f\n\x1b\x44\x45MONSTRATION_SOURCE_IMPORT\x10\x03\x12#\n\x1f\x44\x45MONSTRATION_SOURCE_COMPARISON\x10\x04\x32\x9a\x01\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x39\n\x06Submit\x12\x16.rlhf.v1.SubmitRequest\x1a\x17.rlhf.v1.SubmitResponse\x12S\n\x13SubmitDemonstration\x12#.rlhf.v1.SubmitDemonstrationRequest\x1a\x17.rlhf.v1.SubmitResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhf.v1.feedback_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FLAG']._serialized_start=1137
-  _globals['_FLAG']._serialized_end=1375
-  _globals['_LABELERAUTH']._serialized_start=1378
-  _globals['_LABELERAUTH']._serialized_end=1520
-  _globals['_DEMONSTRATIONSOURCE']._serialized_start=1523
-  _globals['_DEMONSTRATIONSOURCE']._serialized_end=1711
+  _globals['_FLAG']._serialized_start=1154
+  _globals['_FLAG']._serialized_end=1392
+  _globals['_LABELERAUTH']._serialized_start=1395
+  _globals['_LABELERAUTH']._serialized_end=1537
+  _globals['_DEMONSTRATIONSOURCE']._serialized_start=1540
+  _globals['_DEMONSTRATIONSOURCE']._serialized_end=1728
   _globals['_CANDIDATE']._serialized_start=91
   _globals['_CANDIDATE']._serialized_end=280
   _globals['_COMPARISON']._serialized_start=283
-  _globals['_COMPARISON']._serialized_end=609
-  _globals['_SUBMITREQUEST']._serialized_start=611
-  _globals['_SUBMITREQUEST']._serialized_end=667
-  _globals['_SUBMITRESPONSE']._serialized_start=669
-  _globals['_SUBMITRESPONSE']._serialized_end=741
-  _globals['_DEMONSTRATION']._serialized_start=744
-  _globals['_DEMONSTRATION']._serialized_end=1057
-  _globals['_SUBMITDEMONSTRATIONREQUEST']._serialized_start=1059
-  _globals['_SUBMITDEMONSTRATIONREQUEST']._serialized_end=1134
-  _globals['_FEEDBACK']._serialized_start=1714
-  _globals['_FEEDBACK']._serialized_end=1868
+  _globals['_COMPARISON']._serialized_end=626
+  _globals['_SUBMITREQUEST']._serialized_start=628
+  _globals['_SUBMITREQUEST']._serialized_end=684
+  _globals['_SUBMITRESPONSE']._serialized_start=686
+  _globals['_SUBMITRESPONSE']._serialized_end=758
+  _globals['_DEMONSTRATION']._serialized_start=761
+  _globals['_DEMONSTRATION']._serialized_end=1074
+  _globals['_SUBMITDEMONSTRATIONREQUEST']._serialized_start=1076
+  _globals['_SUBMITDEMONSTRATIONREQUEST']._serialized_end=1151
+  _globals['_FEEDBACK']._serialized_start=1731
+  _globals['_FEEDBACK']._serialized_end=1885
 # @@protoc_insertion_point(module_scope)

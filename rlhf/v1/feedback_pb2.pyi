@@ -79,7 +79,7 @@ class Candidate(_message.Message):
     def __init__(self, text: _Optional[str] = ..., adapter_version: _Optional[str] = ..., sampling: _Optional[_Union[_policy_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., position: _Optional[int] = ..., rank: _Optional[int] = ..., flags: _Optional[_Iterable[_Union[Flag, str]]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class Comparison(_message.Message):
-    __slots__ = ("id", "labeler_id", "messages", "candidates", "comment", "ideal_answer", "rank_time_ms", "created_at", "received_at", "labeler_auth")
+    __slots__ = ("id", "labeler_id", "messages", "candidates", "comment", "ideal_answer", "rank_time_ms", "created_at", "received_at", "labeler_auth", "task_id")
     ID_FIELD_NUMBER: _ClassVar[int]
     LABELER_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +90,7 @@ class Comparison(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_AT_FIELD_NUMBER: _ClassVar[int]
     LABELER_AUTH_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     labeler_id: str
     messages: _containers.RepeatedCompositeFieldContainer[_policy_pb2.ChatMessage]
@@ -100,7 +101,8 @@ class Comparison(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     received_at: _timestamp_pb2.Timestamp
     labeler_auth: LabelerAuth
-    def __init__(self, id: _Optional[str] = ..., labeler_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_policy_pb2.ChatMessage, _Mapping]]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., comment: _Optional[str] = ..., ideal_answer: _Optional[str] = ..., rank_time_ms: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., labeler_auth: _Optional[_Union[LabelerAuth, str]] = ...) -> None: ...
+    task_id: str
+    def __init__(self, id: _Optional[str] = ..., labeler_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_policy_pb2.ChatMessage, _Mapping]]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., comment: _Optional[str] = ..., ideal_answer: _Optional[str] = ..., rank_time_ms: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., labeler_auth: _Optional[_Union[LabelerAuth, str]] = ..., task_id: _Optional[str] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
     __slots__ = ("comparison",)
