@@ -33,11 +33,12 @@ from learner.config import LearnerConfig
 from learner.iteration import Learner, Progress
 from learner.records import PAUSE_ENV
 from rlhf import adapter_store
+from rlhf.comparisons import append_many
 from rlhf.modeling import load_model
 from rlhf.settings import from_flat
 from tests.conftest import ROOT
 from tests.test_learner_crash import SMALL, assert_store_complete
-from tests.test_learner_iteration import submit
+from tests.test_learner_iteration import demos, submit
 
 # One minibatch per batch: a global minibatch is then the same rows however many ranks.
 TINY = {**SMALL, "ppo_minibatch_size": SMALL["ppo_batch_size"], "ppo_rollout_groups": 2}
@@ -149,6 +150,7 @@ def _rel(a: dict, b: dict, keys) -> float:
 @pytest.mark.slow
 def test_two_processes_publish_what_one_process_publishes(env, redis_server, tmp_path):
     submit(env["client"], 0, 9)
+    append_many(env["client"], demos(8))  # SFT (a shared phase) runs on both ranks first
     cluster = env["cluster"] = Cluster(env)
     assert len(set(cluster.pids)) == 2 and cluster.event["resumed_from"] is None
     assert cluster.http.get("/v1/status").json()["processes"] == 2
@@ -166,6 +168,7 @@ def test_two_processes_publish_what_one_process_publishes(env, redis_server, tmp
     one = Learner(cfg, load_model(cfg.model, device="cpu"), client=client)
     try:
         submit(client, 0, 9)
+        append_many(client, demos(8))
         single = one.run(Progress(one.new_id())).to_dict()
     finally:
         one.close()
@@ -185,7 +188,9 @@ def test_two_processes_publish_what_one_process_publishes(env, redis_server, tmp
     assert _rel(a, b, lora_b) < 0.05
     assert _rel(a, b, [k for k in a if "lora_A" in k]) < 1e-3
     m1, m2 = single["metrics"], both["metrics"]
-    for key in ("rm/train_loss", "rm/accuracy", "rm/loss", "rm/bias", "rm/steps"):
+    assert m2["sft/ran"] is True and m2["sft/demonstrations"] == 8
+    for key in ("sft/loss_train", "sft/loss_heldout_before", "sft/loss_heldout_after",
+                "rm/train_loss", "rm/accuracy", "rm/loss", "rm/bias", "rm/steps"):
         assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-6), key
     for key in ("ppo/kl", "ppo/score", "ppo/reward", "ppo/beta", "ppo/response_len",
                 "ptx/loss_before", "ptx/loss_after", "eval/policy_score", "eval/kl",
