@@ -71,12 +71,15 @@ class PPOConfig:
     lam: float = _f(0.95, "GAE lambda")
     max_grad_norm: float = _f(1.0, "gradient clip over the trainable parameters")
     ptx_max_length: int = _f(128, "tokens per pretraining text")
+    ptx_batch_size: int = _f(16, "pretraining texts per ppo_step, spread over its minibatches")
 
     def __post_init__(self) -> None:
         if self.batch_size % self.minibatch_size or self.minibatch_size < 1:
             raise ValueError("batch_size must be a positive multiple of minibatch_size")
         if self.temperature <= 0 or not 0.0 < self.top_p <= 1.0:
             raise ValueError("temperature > 0 and 0 < top_p <= 1 required")
+        if self.ptx_coef < 0 or self.ptx_batch_size < 1:
+            raise ValueError("ptx_coef >= 0 and ptx_batch_size >= 1 required")
 
 
 @dataclass
