@@ -53,7 +53,13 @@ class LearnerConfig:
 
     prompts_per_iteration: int = _f(64, "most recent distinct user turns PPO samples from")
     eval_prompts: int = _f(8, "held-out prompts for the evaluate phase")
-    ptx_eval_texts: int = _f(16, "pretraining texts for the ptx loss before/after PPO")
+    ptx_corpus: str = _f("", "pretraining text for PPO's ptx term and the held-out ptx loss: "
+                         "a plain-text file (documents split on blank lines), a JSONL file of "
+                         '{"text": ...} lines or a directory of such files, streamed; empty = '
+                         "the model's default: the starter's synthetic sentences for the "
+                         "starter presets, the shipped World Factbook prose for other models")
+    ptx_eval_texts: int = _f(16, "held-out pretraining texts for the ptx loss before/after "
+                             "PPO (a fixed tenth of the corpus, by a hash of each text)")
     seed: int = _f(0, "seed of splits, sampling and shuffling")
 
     nproc: int = _f(1, "processes on this machine: > 1 starts `torchrun --nproc_per_node` "

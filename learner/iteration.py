@@ -61,6 +61,7 @@ from learner.ppo import (
     rollout,
 )
 from learner.ppo import score as ppo_score
+from learner.ptx_corpus import text_source
 from learner.publish import Release, publish_version
 from learner.records import HISTORY, PHASES, RECORDS, SEQ, Progress, pause_for_tests
 from learner.reference import Reference
@@ -70,7 +71,6 @@ from learner.samples import reference_samples, rm_scores
 from learner.sft import SFT
 from rlhf import adapter_store, settings, tasks
 from rlhf.modeling import LoadedModel
-from rlhf.starter_data import pretraining_corpus
 from rlhf.v1.feedback_pb2 import Comparison, Demonstration
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,9 @@ class Learner:
         self.cluster = cluster or Cluster()  # ranks > 0 of torchrun: no Redis, no data dir
         self.data_dir = Path(cfg.data_dir)
         self.name = cfg.consumer or f"learner-{socket.gethostname()}"
+        # (n, seed, heldout) -> ptx texts; the corpus is checked here (CorpusError),
+        # before any dataset lock is taken.
+        self.ptx_corpus, self.ptx_texts = text_source(cfg.ptx_corpus, cfg.model)
         if self.cluster.is_leader:
             self.client = client or redis.Redis.from_url(cfg.redis_url,
                                                          socket_connect_timeout=5.0)
@@ -349,15 +352,17 @@ class Learner:
         # ptx off, lr 2e-3: gold win rate 0.49 -> 0.55 restarted vs 0.49 -> 0.615 kept).
         cfg, bs = self.cfg, self.ppo_cfg.batch_size
         rng = random.Random(cfg.seed + self.ppo.step)
-        work.ptx_eval = pretraining_corpus(cfg.ptx_eval_texts, cfg.seed + 10_000)
+        work.ptx_eval = self.ptx_texts(cfg.ptx_eval_texts, cfg.seed + 10_000, True)
         progress.metrics["ptx/loss_before"] = self._ptx_loss(work.ptx_eval)
-        ptx = pretraining_corpus(bs * cfg.ppo_steps, cfg.seed + self.ppo.step)
+        progress.metrics["ptx/corpus"] = self.ptx_corpus
+        nptx = self.ppo_cfg.ptx_batch_size if self.ppo_cfg.ptx_coef > 0 else 0
+        ptx = self.ptx_texts(nptx * cfg.ppo_steps, cfg.seed + self.ppo.step, False)
         progress.steps, totals = cfg.ppo_steps, {}
         spent = dict.fromkeys(("generate", "score", "train"), 0.0)
         with self._bar(progress, "ppo", cfg.ppo_steps) as bar:
             for step in range(cfg.ppo_steps):
                 batch = [rng.choice(work.prompts) for _ in range(bs)]
-                stats = ppo_step(self.ppo, batch, ptx[step * bs:(step + 1) * bs])
+                stats = ppo_step(self.ppo, batch, ptx[step * nptx:(step + 1) * nptx])
                 for key, value in stats.items():
                     totals[key] = totals.get(key, 0.0) + value / cfg.ppo_steps
                 for key in spent:

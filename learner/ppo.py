@@ -58,7 +58,10 @@ class PPOConfig:
                      "episodes 4 passes, clipped, learn faster and stayed stable here)")
     clip: float = _f(0.2, "PPO ratio clip epsilon, also used for the value clip")
     vf_coef: float = _f(0.1, "weight of the value loss in the joint loss")
-    ptx_coef: float = _f(0.0, "gamma_ptx: weight of the pretraining LM loss (paper 27.8)")
+    ptx_coef: float = _f(0.3, "gamma_ptx: weight of the pretraining LM loss in the joint "
+                         "loss (paper 27.8 on its loss scale; 0 = PPO without ptx). 0.3 kept "
+                         "all of the preference gain on the starter (learner.efficacy_bench, "
+                         "README) and held the held-out LM loss down")
     kl_coef: float = _f(0.2, "beta of the per-token KL penalty (InstructGPT 0.02; at this "
                         "learning rate 0.2 keeps the policy near text the RM has seen)")
     target_kl: float = _f(0.0, "per-sequence KL target of the adaptive controller "
@@ -77,6 +80,7 @@ class PPOConfig:
                              "its own seed (a multiple of the process count): the samples "
                              "then do not depend on how many processes share the batch; 0 = "
                              "one group per process")
+    ptx_batch_size: int = _f(16, "pretraining texts per ppo_step, spread over its minibatches")
 
     def __post_init__(self) -> None:
         if self.batch_size % self.minibatch_size or self.minibatch_size < 1:
@@ -86,6 +90,8 @@ class PPOConfig:
         if self.rollout_groups < 0 or (self.rollout_groups
                                        and self.batch_size % self.rollout_groups):
             raise ValueError("rollout_groups must be 0 or divide batch_size")
+        if self.ptx_coef < 0 or self.ptx_batch_size < 1:
+            raise ValueError("ptx_coef >= 0 and ptx_batch_size >= 1 required")
 
 
 @dataclass

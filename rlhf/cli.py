@@ -57,6 +57,19 @@ def _resolve_model(prog: str, name: str) -> None:
         raise SystemExit(1) from None
 
 
+def _check_ptx_corpus(prog: str, corpus: str) -> None:
+    """A bad --ptx-corpus ends the command with its path and reason (exit 2), before the
+    model loads."""
+    from learner.ptx_corpus import CorpusError, check_corpus
+
+    try:
+        if corpus.strip():
+            check_corpus(corpus.strip())
+    except CorpusError as exc:
+        sys.stderr.write(f"{prog}: {exc}\n")
+        raise SystemExit(2) from None
+
+
 def _passive_omp() -> None:
     """Idle OpenMP threads sleep instead of spinning. libgomp reads this once, when torch
     loads it, so it is set before anything imports torch. On a shared or busy CPU a
@@ -133,6 +146,7 @@ def _learn(argv: Sequence[str]) -> int:
 
     config = _config(argv, LearnerConfig, "rlhf learn",
                      "Run the learner: iterations on demand via its admin API.", ENV_PREFIX)
+    _check_ptx_corpus("rlhf learn", config.ptx_corpus)
     _resolve_model("rlhf learn", config.model)
     if config.nproc > 1 and "WORLD_SIZE" not in os.environ:  # become torchrun's agent
         from learner.main import torchrun_argv
