@@ -17,8 +17,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from rlhf.contract import InvalidComparison, check_labeler_id
-from rlhf.data import DemonstrationFileError, read_demonstrations
+from rlhf.data import DemonstrationFileError, labeler_arg, read_demonstrations
 
 if TYPE_CHECKING:
     from learner.config import LearnerConfig
@@ -29,16 +28,8 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                         help="JSONL (.gz ok) as `rlhf data import --demonstrations` reads: "
                         "{\"prompt\", \"response\"} or chat {\"messages\": [...]} ending on "
                         "the assistant's answer; all or nothing")
-    parser.add_argument("--labeler-id", type=_labeler, default="imported",
+    parser.add_argument("--labeler-id", type=labeler_arg, default="imported",
                         help="labeler the file's demonstrations are stored under")
-
-
-def _labeler(value: str) -> str:
-    try:
-        check_labeler_id(value)
-    except InvalidComparison as exc:
-        raise argparse.ArgumentTypeError(exc.detail) from None
-    return value
 
 
 def run(cfg: LearnerConfig, path: str, labeler_id: str = "imported") -> int:

@@ -283,7 +283,8 @@ def import_file(client: redis.Redis, path: str, labeler_id: str = "imported",
 # -- command line ----------------------------------------------------------------------------
 
 
-def _labeler(value: str) -> str:
+def labeler_arg(value: str) -> str:
+    """argparse type of a --labeler-id: the contract's labeler rule, its message on failure."""
     try:
         check_labeler_id(value)
     except InvalidComparison as exc:
@@ -318,7 +319,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     what.add_argument("--in", dest="path", help="pairs JSONL file (.gz: compressed)")
     what.add_argument("--demonstrations", metavar="FILE", help="demonstrations JSONL file "
                       "(all or nothing: a bad line refuses the file)")
-    imp.add_argument("--labeler-id", type=_labeler, default="imported")
+    imp.add_argument("--labeler-id", type=labeler_arg, default="imported")
     imp.add_argument("--adapter-version", type=_version, default="base")
     imp.add_argument("--limit", type=int, default=0, help="read only the first N lines")
     return p.parse_args(list(argv))

@@ -25,14 +25,15 @@ import redis
 from rlhf import comparisons
 from rlhf.v1 import feedback_pb2 as fb
 from rlhf.v1 import policy_pb2 as pb
+from tests import browser_kit
 from tests.conftest import ROOT, RedisServer
-from tests.test_ui_browser import CHROMIUM, CHROMIUM_ARGS, _free_port
+from tests.test_ui_browser import CHROMIUM, _free_port
 from ui.config import UIConfig
 from ui.dashboard import DashboardTab, curve_charts, fmt, iterations_table, progress_text
 
 TOKEN = "dash-ui-token"
 ACCOUNTS = {"alice": "pw-alice", "bob": "pw-bob"}  # alice is the operator
-WAIT_MS = 120_000  # generous: 2 CPU cores shared by learn, ui, redis and the browser
+WAIT_MS = browser_kit.WAIT_MS
 TASKS = [("What is 2 + 3?", "5"), ("What is 4 + 1?", "5"), ("What is 6 - 2?", "4"),
          ("What is 3 + 3?", "6"), ("What is 7 - 5?", "2"), ("What is 1 + 8?", "9")]
 LABELERS = ["alice", "bob", "carol", "alice", "bob", "carol", "alice"]
@@ -132,24 +133,12 @@ def _wait_http(url: str, proc: subprocess.Popen, log_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def browser(stack):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    yield from browser_kit.launch()
 
 
 def open_dashboard(browser, stack: dict, user: str):
     """A fresh browser context logged in as ``user``, on the Dashboard tab."""
-    page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
-    page.set_default_timeout(WAIT_MS)
-    page.goto(stack["ui_url"])
-    page.locator("input[type=text]").first.fill(user)
-    page.locator("input[type=password]").first.fill(ACCOUNTS[user])
-    page.get_by_role("button", name="Login").click()
+    page = browser_kit.logged_in(browser, stack["ui_url"], user, ACCOUNTS[user])
     page.get_by_role("tab", name="Dashboard").click()
     return page
 

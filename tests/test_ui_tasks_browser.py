@@ -19,15 +19,16 @@ import redis
 from rlhf import agreement, tasks
 from rlhf.comparisons import STREAM, decode_entry
 from rlhf.v1 import feedback_pb2 as fb
+from tests import browser_kit
 from tests.conftest import ROOT, RedisServer, ServerProcess
-from tests.test_ui_browser import CHROMIUM, CHROMIUM_ARGS, _free_port
+from tests.test_ui_browser import _free_port
 from tests.test_ui_dashboard import _start, _stop, _wait_http, browser_test
 
 DB = 9
 UI_TOKEN, LEARN_TOKEN = "tasks-ui-token", "tasks-learn-token"
 ACCOUNTS = {"alice": "pw-alice", "bob": "pw-bob"}
 K = 4
-WAIT_MS = 120_000
+WAIT_MS = browser_kit.WAIT_MS
 GOLD = ["6", "It is six.", "33", "banana"]  # known ranking 1, 2, 3, 4
 TASKS = [{"id": "ov-1", "prompt": "What is 2 + 2?", "labelers": 2},
          {"id": "gold-1", "prompt": "What is 3 + 3?", "candidates": GOLD,
@@ -78,23 +79,11 @@ def stack(tiny_model_dir: Path, redis_server: RedisServer,
 
 @pytest.fixture(scope="module")
 def browser(stack):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    yield from browser_kit.launch()
 
 
 def login(browser, stack: dict, user: str):
-    page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
-    page.set_default_timeout(WAIT_MS)
-    page.goto(stack["ui_url"])
-    page.locator("input[type=text]").first.fill(user)
-    page.locator("input[type=password]").first.fill(ACCOUNTS[user])
-    page.get_by_role("button", name="Login").click()
+    page = browser_kit.logged_in(browser, stack["ui_url"], user, ACCOUNTS[user])
     page.locator("#shortcuts").click()  # focus the page, outside any text box
     return page
 
