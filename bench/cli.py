@@ -18,6 +18,8 @@ SUITES: dict[str, tuple[str, str]] = {
     "hotswap": ("bench.hotswap", "publish-to-live latency of adapter hot-swaps, tokens/s dip"),
     "efficacy": ("bench.efficacy", "hidden preferences learned through real iterations "
                  "(win-rate curves, PNG)"),
+    "tax": ("bench.tax", "alignment tax: PPO vs PPO-ptx vs SFT + PPO-ptx (win rate, KL, "
+            "held-out LM loss rise; the paper's target as pass/fail)"),
     "rm": ("bench.rm", "K-wise vs pairwise RM training; held-out HH-RLHF accuracy"),
     "dist": ("bench.dist", "one iteration of `rlhf learn` with 1 vs N processes (wall, CPU, "
              "agreement)"),

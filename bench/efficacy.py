@@ -52,16 +52,18 @@ def learner_config(overrides: dict, model: str, device: str, threads: int, seed:
 
 
 def run_arm(cfg_of: Callable[[str, Path], LearnerConfig], name: str, eff: EfficacyConfig,
-            redis_url: str) -> dict:
+            redis_url: str, demonstrations: Callable | None = None) -> dict:
     """One arm on a fresh copy of the base (a Learner wraps its base in place) and its own
-    Redis database and data folders."""
+    Redis database and data folders; ``demonstrations`` as ``run_efficacy`` takes it."""
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=f"efficacy-{name}-") as tmp:
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in name)  # "concise/ptx_on"
+    with tempfile.TemporaryDirectory(prefix=f"efficacy-{safe}-") as tmp:
         cfg = cfg_of(redis_url, Path(tmp))
         loaded = load_model(cfg.model, device=cfg.device)
         torch.manual_seed(eff.seed)
         curve = run_efficacy(eff, cfg, loaded, on_point=lambda p: log.info(
-            "%s iteration %d: %s", name, p["iteration"], json.dumps(p)))
+            "%s iteration %d: %s", name, p["iteration"], json.dumps(p)),
+            demonstrations=demonstrations)
     return {"preference": eff.preference, "ptx_coef": cfg.ppo.ptx_coef,
             "seconds": round(time.perf_counter() - start, 1), "curve": curve,
             "summary": summarize(curve)}

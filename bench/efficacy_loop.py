@@ -42,6 +42,7 @@ from rlhf.modeling import LoadedModel
 from rlhf.preferences import Item, draw_general, is_heldout
 from rlhf.settings import setting as _f
 from rlhf.starter_data import check
+from rlhf.v1.feedback_pb2 import Demonstration
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,8 @@ def curve_point(iteration: int, stats: dict[str, float], metrics: dict, seconds:
             m("rm/heldout_comparisons"), "reward": m("eval/policy_score"),
             "reward_reference": m("eval/reference_score"), "ppo_score": m("ppo/score"),
             "kl": m("eval/kl", 0.0), "ppo_kl": m("ppo/kl", 0.0),
-            "ptx_loss": m("ptx/loss_after"), "comparisons": m("data/comparisons", 0),
+            "ptx_loss": m("ptx/loss_after"), "ptx_loss_before": m("ptx/loss_before"),
+            "sft_ran": m("sft/ran"), "comparisons": m("data/comparisons", 0),
             "seconds": round(seconds, 1)}
 
 
@@ -158,10 +160,14 @@ def curve_point(iteration: int, stats: dict[str, float], metrics: dict, seconds:
 
 
 def run_efficacy(cfg: EfficacyConfig, learner_cfg: LearnerConfig, loaded: LoadedModel,
-                 on_point: Callable[[dict], None] | None = None) -> list[dict]:
+                 on_point: Callable[[dict], None] | None = None,
+                 demonstrations: Callable[[Learner], Sequence[Demonstration]] | None = None
+                 ) -> list[dict]:
     """Iteration 0 (no training) and ``cfg.iterations`` learner iterations; returns the
     curve. ``learner_cfg.redis_url`` must point at an empty Redis database (its stream is
-    the one the learner drains)."""
+    the one the learner drains). ``demonstrations(learner)``, when given, is called after
+    iteration 0 and what it returns goes into the stream beside iteration 1's comparisons
+    (the Feedback service's path): iteration 1 runs its SFT phase on them first."""
     client = redis.Redis.from_url(learner_cfg.redis_url)
     learner = Learner(learner_cfg, loaded, client)
     preference = preferences.get(cfg.preference)
@@ -192,9 +198,13 @@ def run_efficacy(cfg: EfficacyConfig, learner_cfg: LearnerConfig, loaded: Loaded
             version = learner.parent or "base"
             records = label(tasks, samples, it, cfg.labelers, cfg.seed, version,
                             preference)  # 2. label
+            if it == 1 and demonstrations is not None:
+                comparisons.append_many(client, demonstrations(learner))
             comparisons.append_many(client, records)
             progress = learner.run(Progress(id=learner.new_id()))  # 3. learn
-            if it == 1:  # the policy LoRA starts at zero: its "before" loss is the base's
+            if it == 1 and not progress.metrics.get("sft/ran"):
+                # the policy LoRA starts at zero: its "before" loss is the base's (after an
+                # SFT phase it is the SFT policy's, so iteration 0 keeps None)
                 curve[0]["ptx_loss"] = progress.metrics["ptx/loss_before"]
             stats = preference_eval(held, gen(held_prompts, cfg.seed + 3, True), reference,
                                     preference)  # 4. measure

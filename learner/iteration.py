@@ -1,10 +1,12 @@
 """One learner iteration as seven named phases (docs/design.md §1, §3, §4):
 
 1. drain      the comparisons and demonstrations streams -> the durable datasets (Intake);
-              the SFT set (learner.demonstrations) goes on ``Work.demonstrations``
+              the SFT set (learner.demonstrations) goes on ``Work.demonstrations``; with
+              neither comparisons nor new demonstrations it refuses ("nothing to learn")
 2. sft        only with new demonstrations: an "sft" LoRA from a fresh init on ALL of them
               (learner/sft.py); the policy restarts from it and it becomes PPO's frozen KL
               reference; otherwise "skipped"
+   (with demonstrations but no comparisons yet, 3-5 are "skipped": the SFT policy is published)
 3. reward     retrain the RM on ALL comparisons so far (its LoRA starts from the SFT weights
               once there are some; split by labeler, held-out accuracy, bias so reference
               samples score mean 0)
@@ -281,8 +283,18 @@ class Learner:
                                  "data/comparisons": len(work.comparisons),
                                  "data/demonstrations": len(work.demonstrations),
                                  "data/demonstrations_new": work.new_demonstrations})
-        if not work.comparisons:
-            raise RuntimeError("no comparisons yet: nothing to learn from")
+        if not work.comparisons and not self.reference.due(work.demonstrations,
+                                                           work.new_demonstrations):
+            raise RuntimeError("no comparisons yet and no new demonstrations: nothing to "
+                               "learn from")
+
+    def _nothing_to_compare(self, work: Work, progress: Progress, phase: str) -> bool:
+        """Demonstrations but no comparisons yet: the RM, PPO and evaluate phases are skipped
+        (publish then ships the SFT adapter the drain made due)."""
+        if work.comparisons:
+            return False
+        progress.skipped.append(phase)
+        return True
 
     # 2 ------------------------------------------------------------------------------------
     def sft(self, work: Work, progress: Progress) -> None:
@@ -317,6 +329,8 @@ class Learner:
         self.reference.start(RM_ADAPTER)
 
     def reward_model(self, work: Work, progress: Progress) -> None:
+        if self._nothing_to_compare(work, progress, "reward_model"):
+            return
         self.reset_rm()
         cfg = self.cfg
         train, heldout, _ = split_by_labeler(work.comparisons, cfg.rm.heldout_fraction, cfg.seed)
@@ -345,6 +359,8 @@ class Learner:
         return self.ppo
 
     def train_policy(self, work: Work, progress: Progress) -> None:
+        if self._nothing_to_compare(work, progress, "ppo"):
+            return
         self.ensure_ppo()
         assert self.ppo is not None
         # Later iterations keep the value head PPO fitted on the policy's own features:
@@ -378,6 +394,8 @@ class Learner:
 
     # 5 ------------------------------------------------------------------------------------
     def evaluate(self, work: Work, progress: Progress) -> None:
+        if self._nothing_to_compare(work, progress, "evaluate"):
+            return
         assert self.ppo is not None
         seed = self.cfg.seed + 20_000
         torch.manual_seed(seed)

@@ -277,3 +277,48 @@ def test_rlhf_sft_publishes_a_version_learn_continues_from(cfg, tmp_path):
             learner.close()
     finally:
         client.close()
+
+
+def test_demonstrations_without_comparisons_publish_the_sft_policy(cfg):
+    """Demonstrations but no comparisons yet: sft runs, reward_model/ppo/evaluate are
+    recorded as skipped and the SFT adapter is published; with nothing new after that the
+    drain refuses again; the first comparisons then run PPO from that SFT adapter."""
+    torch.set_num_threads(1)
+    client = redis.Redis.from_url(cfg.redis_url)
+    append_many(client, demos(8))
+    learner = Learner(cfg, load_model(cfg.model, device="cpu"))
+    try:
+        done = learner.run(Progress(learner.new_id()))
+        assert done.status == "done" and done.version == "v1"
+        assert done.skipped == ["reward_model", "ppo", "evaluate"]
+        assert done.metrics["sft/ran"] is True and done.metrics["data/comparisons"] == 0
+        assert learner.ppo is None and learner.ref_adapter == SFT
+        assert adapter_store.current(client) == "v1"
+        manifest = adapter_store.verify(cfg.adapter_store, "v1", cfg.model)
+        assert manifest.parent is None and "sft/loss_heldout_after" in manifest.metrics
+        stored = learner.history()[-1]
+        assert stored["status"] == "done" and stored["skipped"] == done.skipped
+
+        with pytest.raises(RuntimeError, match="no comparisons yet and no new demonstrations"):
+            learner.run(Progress(learner.new_id()))
+        assert learner.active.status == "failed" and learner.active.phase == "drain"
+        assert adapter_store.list_versions(client) == ["v1"]
+
+        submit(client, 0, 9)
+        done = learner.run(Progress(learner.new_id()))
+        assert done.status == "done" and done.version == "v2" and done.skipped == ["sft"]
+        assert learner.ppo is not None and learner.ppo.ref_adapter == SFT
+        assert adapter_store.verify(cfg.adapter_store, "v2", cfg.model).parent == "v1"
+    finally:
+        learner.close()
+        client.close()
+
+
+def test_neither_comparisons_nor_demonstrations_is_refused(cfg):
+    learner = Learner(cfg, load_model(cfg.model, device="cpu"))
+    try:
+        with pytest.raises(RuntimeError, match="no comparisons yet"):
+            learner.run(Progress(learner.new_id()))
+        assert learner.active.phase == "drain" and learner.active.skipped == []
+    finally:
+        learner.close()

@@ -49,6 +49,26 @@ def label(items: Sequence[Item], samples: Sequence[Sequence[str]], iteration: in
     return out
 
 
+def best_of_k_demonstrations(items: Sequence[Item], samples: Sequence[Sequence[str]],
+                             labelers: int, seed: int, preference: preferences.Preference
+                             ) -> list[fb.Demonstration]:
+    """A simulated labeler's demonstration per prompt: of its K samples, the one its hidden
+    ``preference`` rates highest (the first on a tie), from ``labelers`` ids round robin;
+    a prompt whose samples are all empty gets none."""
+    out = []
+    for i, (item, texts) in enumerate(zip(items, samples, strict=True)):
+        scored = [(preference.utility(item, t), -j, t) for j, t in enumerate(texts) if t.strip()]
+        if not scored:
+            continue
+        best = max(scored)[2]
+        demo = fb.Demonstration(id=f"simdemo-{seed}-{i:05d}", labeler_id=f"sim-{i % labelers}",
+                                answer=best, source=fb.DEMONSTRATION_SOURCE_API,
+                                messages=[pb.ChatMessage(role="user", content=item.prompt)])
+        demo.received_at.FromMilliseconds(EPOCH_MS + i)
+        out.append(demo)
+    return out
+
+
 def gold_styles(n: int, seed: int) -> list[fb.Comparison]:
     """K = 4 answers in the four styles to gold tasks, ranked by the gold preference."""
     rng = random.Random(seed)
