@@ -243,6 +243,23 @@ def _query_ids(tokenizer, prompt: str) -> list[int]:
     return chat_ids(tokenizer, user_turn(prompt))
 
 
+def query_batch(tokenizer, prompts: Sequence[str], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Each prompt as one user turn through the chat template, left-padded: (ids, mask)."""
+    return _pad([_query_ids(tokenizer, p) for p in prompts], tokenizer.pad_token_id, left=True,
+                device=device)
+
+
+def generate(peft: nn.Module, tokenizer, cfg: PPOConfig, query: Tensor, query_mask: Tensor,
+             output_scores: bool = False):
+    """The learner's one sampling call (PPO's rollout, reference samples, the evaluate phase):
+    the active adapter, cfg temperature and top-p, top-k off, cfg length cap, stop at EOS."""
+    return peft.generate(
+        input_ids=query, attention_mask=query_mask, do_sample=True, temperature=cfg.temperature,
+        top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        return_dict_in_generate=True, output_scores=output_scores)
+
+
 @torch.no_grad()
 def rollout(state: PPOState, prompts: Sequence[str], keep_sample_logprobs: bool = False,
             group: int | None = None) -> Rollout:
@@ -252,16 +269,11 @@ def rollout(state: PPOState, prompts: Sequence[str], keep_sample_logprobs: bool 
     cfg, tok = state.cfg, state.tokenizer
     _activate(state, POLICY)
     pad = tok.pad_token_id
-    query, query_mask = _pad([_query_ids(tok, p) for p in prompts], pad, left=True,
-                             device=state.value_head.weight.device)
+    query, query_mask = query_batch(tok, prompts, state.value_head.weight.device)
     width = query.size(1)
     offset = dd.rank() if group is None else group  # other samples on each rank / group
     torch.manual_seed(cfg.seed + state.step + offset * dd.SEED_STRIDE)
-    out = state.peft.generate(
-        input_ids=query, attention_mask=query_mask, do_sample=True, temperature=cfg.temperature,
-        top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens, pad_token_id=pad,
-        eos_token_id=tok.eos_token_id, return_dict_in_generate=True,
-        output_scores=keep_sample_logprobs)
+    out = generate(state.peft, tok, cfg, query, query_mask, keep_sample_logprobs)
     response = out.sequences[:, width:]
     is_eos = (response == tok.eos_token_id).long()
     after_eos = is_eos.cumsum(1) - is_eos  # EOS seen strictly before this position

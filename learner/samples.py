@@ -8,9 +8,9 @@ from contextlib import nullcontext
 
 import torch
 
-from learner.ppo import PPOConfig
+from learner.ppo import PPOConfig, generate, query_batch
 from learner.reward_model import Encoded, RewardModel, RMConfig, collate, encode_sample, prompt_ids
-from rlhf.chat import chat_ids, user_turn
+from rlhf.chat import user_turn
 
 
 @torch.no_grad()
@@ -22,22 +22,13 @@ def sample(rm: RewardModel, tok, cfg: PPOConfig, prompts: Sequence[str], seed: i
     peft = rm.peft
     if adapter is not None:
         peft.set_adapter(adapter)  # every forward of the learner sets its own adapter again
-    side, tok.padding_side = tok.padding_side, "left"
     torch.manual_seed(seed)
     out: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch):
-            rows = [{"input_ids": chat_ids(tok, user_turn(p))}
-                    for p in prompts[start:start + batch]]
-            enc = tok.pad(rows, padding=True, return_tensors="pt")
-            enc = enc.to(rm.device)
-            with nullcontext() if adapter is not None else peft.disable_adapter():
-                ids = peft.generate(**enc, do_sample=True, temperature=cfg.temperature,
-                                    top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens,
-                                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            out += tok.batch_decode(ids[:, enc["input_ids"].size(1):], skip_special_tokens=True)
-    finally:
-        tok.padding_side = side
+    for start in range(0, len(prompts), batch):
+        query, mask = query_batch(tok, prompts[start:start + batch], rm.device)
+        with nullcontext() if adapter is not None else peft.disable_adapter():
+            ids = generate(peft, tok, cfg, query, mask).sequences
+        out += tok.batch_decode(ids[:, query.size(1):], skip_special_tokens=True)
     return out
 
 
