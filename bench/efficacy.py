@@ -85,8 +85,10 @@ def summarize(curve: Sequence[dict]) -> dict:
                               else None)}
 
 
-def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, dict]:
-    p = argparse.ArgumentParser(prog="rlhf bench efficacy", description=__doc__,
+def loop_parser(prog: str, doc: str | None, iterations: int, png: str
+                ) -> argparse.ArgumentParser:
+    """The flags of a simulated-labeler run (`rlhf bench efficacy`, `rlhf bench tax`)."""
+    p = argparse.ArgumentParser(prog=prog, description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Any other flag is an `rlhf learn` knob (see "
                                        "`rlhf learn --help`), e.g. --rm-lr 3e-3.")
@@ -94,27 +96,52 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, dict]:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: a shared 2-core machine crawls with more)")
-    p.add_argument("--preferences", default="gold",
-                   help="comma-separated, one arm each; known: "
-                   + ", ".join(preferences.PREFERENCES))
     p.add_argument("--prompts", choices=["auto", "starter", "general"], default="auto",
                    help="auto: the starter's tasks on the starter model, else general prompts")
-    p.add_argument("--iterations", type=int, default=5)
+    p.add_argument("--iterations", type=int, default=iterations)
     p.add_argument("--tasks-per-iteration", type=int, default=64)
     p.add_argument("--k", type=int, default=4, help="samples ranked per prompt")
     p.add_argument("--labelers", type=int, default=8)
     p.add_argument("--eval-tasks", type=int, default=200, help="held-out prompts (win rate)")
-    p.add_argument("--ptx-ablation", type=float, default=None, metavar="COEF",
-                   help="run every preference twice: ptx off and ptx COEF")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--png", default="bench-out/efficacy.png", help="where the plot goes")
-    args, rest = p.parse_known_args(list(argv))
+    p.add_argument("--png", default=png, help="where the plot goes")
+    return p
+
+
+def learner_overrides(rest: Sequence[str], **defaults: object) -> dict:
+    """The `rlhf learn` knobs among ``rest`` (``defaults`` where not given), checked before
+    any work is done."""
     knobs = argparse.ArgumentParser(prog="learner knobs", add_help=False)
     settings.add_arguments(knobs, LearnerConfig)
-    given = knobs.parse_args(rest)
+    given = knobs.parse_args(list(rest))
     overrides = {k: v for k, v in vars(given).items() if v is not None and k not in INFRA}
+    for key, value in defaults.items():
+        overrides.setdefault(key, value)
     settings.from_flat(LearnerConfig, overrides)  # a bad value fails before any work
-    return args, overrides
+    return overrides
+
+
+def start_run(args: argparse.Namespace) -> tuple[str, str]:
+    """Logging and threads set; (the resolved model, the prompt set)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("learner.reward_model", "learner.ppo", "learner.intake", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+    starter = not args.model or args.model.startswith("starter")
+    model = resolve_model_name(args.model)  # builds / fetches on first use
+    prompts = args.prompts if args.prompts != "auto" else "starter" if starter else "general"
+    return model, prompts
+
+
+def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, dict]:
+    p = loop_parser("rlhf bench efficacy", __doc__, 5, "bench-out/efficacy.png")
+    p.add_argument("--preferences", default="gold",
+                   help="comma-separated, one arm each; known: "
+                   + ", ".join(preferences.PREFERENCES))
+    p.add_argument("--ptx-ablation", type=float, default=None, metavar="COEF",
+                   help="run every preference twice: ptx off and ptx COEF")
+    args, rest = p.parse_known_args(list(argv))
+    return args, learner_overrides(rest)
 
 
 def _arm_urls(base: str, n: int) -> list[str]:
@@ -125,13 +152,7 @@ def _arm_urls(base: str, n: int) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, overrides = _parse(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("learner.reward_model", "learner.ppo", "learner.intake", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    torch.set_num_threads(args.threads)
-    starter = not args.model or args.model.startswith("starter")
-    model = resolve_model_name(args.model)  # builds / fetches on first use
-    prompts = args.prompts if args.prompts != "auto" else "starter" if starter else "general"
+    model, prompts = start_run(args)
     names = [n.strip() for n in args.preferences.split(",") if n.strip()]
     arms: dict[str, tuple[str, float | None]] = {}
     for name in names:

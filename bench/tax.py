@@ -35,18 +35,21 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
-from bench.efficacy import INFRA, _arm_urls, learner_config, run_arm
+from bench.efficacy import (
+    _arm_urls,
+    learner_config,
+    learner_overrides,
+    loop_parser,
+    run_arm,
+    start_run,
+)
 from bench.efficacy_loop import EfficacyConfig, draw_items, generate
 from bench.kit.records import best_of_k_demonstrations
 from bench.kit.report import plot_curves, write_report
-from learner.config import LearnerConfig
 from learner.iteration import Learner
 from learner.ptx_corpus import FACTBOOK
 from rlhf import preferences, settings
 from rlhf.local_redis import private_redis
-from rlhf.modeling import resolve_model_name
 
 log = logging.getLogger(__name__)
 
@@ -117,33 +120,16 @@ def demonstration_writer(eff: EfficacyConfig, n: int, k: int):
 
 
 def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, dict]:
-    p = argparse.ArgumentParser(prog="rlhf bench tax", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Any other flag is an `rlhf learn` knob, e.g. "
-                                       "--ppo-steps 4 (all arms; ppo's ptx coef stays 0).")
-    p.add_argument("--model", default="", help="model name, dir or hub id; default: starter")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1)
+    p = loop_parser("rlhf bench tax", __doc__, 3, "bench-out/tax.png")
+    p.epilog = "Any other flag is an `rlhf learn` knob, e.g. --ppo-steps 4 (all arms; ppo's "
+    p.epilog += "ptx coef stays 0)."
     p.add_argument("--preference", default="concise", help=", ".join(preferences.PREFERENCES))
-    p.add_argument("--prompts", choices=["auto", "starter", "general"], default="auto")
-    p.add_argument("--iterations", type=int, default=3)
-    p.add_argument("--tasks-per-iteration", type=int, default=64)
-    p.add_argument("--k", type=int, default=4, help="samples ranked per prompt")
-    p.add_argument("--labelers", type=int, default=8)
-    p.add_argument("--eval-tasks", type=int, default=200)
     p.add_argument("--demonstrations", type=int, default=32,
                    help="demonstrations the SFT arm's labelers write")
     p.add_argument("--demo-k", type=int, default=8, help="base samples a demonstration is "
                    "the best of")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--png", default="bench-out/tax.png")
     args, rest = p.parse_known_args(list(argv))
-    knobs = argparse.ArgumentParser(prog="learner knobs", add_help=False)
-    settings.add_arguments(knobs, LearnerConfig)
-    given = knobs.parse_args(rest)
-    overrides = {k: v for k, v in vars(given).items() if v is not None and k not in INFRA}
-    overrides.setdefault("ptx_corpus", str(FACTBOOK))  # real prose, also on the starter
-    settings.from_flat(LearnerConfig, overrides)  # a bad value fails before any work
+    overrides = learner_overrides(rest, ptx_corpus=str(FACTBOOK))  # real prose, also starter
     preferences.get(args.preference)
     if args.demonstrations < 1 or args.demo_k < 1:
         p.error("--demonstrations and --demo-k must be >= 1")
@@ -152,13 +138,7 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, dict]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, overrides = _parse(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("learner.reward_model", "learner.ppo", "learner.intake", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    torch.set_num_threads(args.threads)
-    starter = not args.model or args.model.startswith("starter")
-    model = resolve_model_name(args.model)
-    prompts = args.prompts if args.prompts != "auto" else "starter" if starter else "general"
+    model, prompts = start_run(args)
     eff = EfficacyConfig(iterations=args.iterations, tasks_per_iteration=args.tasks_per_iteration,
                          k=args.k, labelers=args.labelers, eval_tasks=args.eval_tasks,
                          preference=args.preference, prompts=prompts, seed=args.seed)
