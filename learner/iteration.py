@@ -257,26 +257,27 @@ class Learner:
     def cold_start(self, demonstrations: Sequence[Demonstration]) -> Progress:
         """`rlhf sft`: store ``demonstrations`` in the durable dataset (every later SFT
         trains on them too), then sft -> publish -> record on the whole SFT set."""
-        old_demos, old_comparisons = self.demonstration_dataset.ids(), self.dataset.ids()
-        self.demonstration_dataset.append(demonstrations)
-        work = Work(comparisons=self.dataset.load_all())
-        work.demonstrations = sft_demonstrations(self.demonstration_dataset.load_all(),
-                                                 work.comparisons)
-        new = count_new(work.demonstrations, old_demos, old_comparisons)
+        work = Work()
+        _, new = self._load(work, lambda: self.demonstration_dataset.append(demonstrations))
         work.new_demonstrations = len(demonstrations)  # asked for: trains even if none new
         progress = Progress(self.new_id())
         progress.metrics.update({"data/demonstrations": len(work.demonstrations),
                                  "data/demonstrations_new": new})
         return self.run(progress, work, COLD_START)
 
-    # 1 ------------------------------------------------------------------------------------
-    def drain(self, work: Work, progress: Progress) -> None:
+    def _load(self, work: Work, store: Callable[[], Any]) -> tuple[Any, int]:
+        """``store()`` new records, then every comparison and the SFT set onto ``work``;
+        (what ``store`` returned, how many SFT-set texts it added)."""
         old_demos, old_comparisons = self.demonstration_dataset.ids(), self.dataset.ids()
-        result = self.intake.drain()
+        result = store()
         work.comparisons = self.dataset.load_all()
         work.demonstrations = sft_demonstrations(self.demonstration_dataset.load_all(),
                                                  work.comparisons)
-        work.new_demonstrations = count_new(work.demonstrations, old_demos, old_comparisons)
+        return result, count_new(work.demonstrations, old_demos, old_comparisons)
+
+    # 1 ------------------------------------------------------------------------------------
+    def drain(self, work: Work, progress: Progress) -> None:
+        result, work.new_demonstrations = self._load(work, self.intake.drain)
         work.golden = tasks.golden_map(self.client)  # on Work: the RM phase runs on every rank
         progress.metrics.update({"data/new": result.stored, "data/duplicates": result.duplicates,
                                  "data/malformed": result.malformed,
